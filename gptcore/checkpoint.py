@@ -1,0 +1,285 @@
+"""Checkpoints: a folder with weights and optimizer state in safetensors plus JSON metadata.
+
+    model.safetensors      model weights (a tied head is stored once, as tok_emb.weight)
+    optimizer.safetensors  optimizer moments and RNG states
+    meta.json              format, config, train state, optimizer hyper-parameters, file sizes
+
+Folders are written next to their destination and renamed into place, so a process killed while
+saving never leaves a half-written checkpoint behind. Loading reads only tensors and JSON: nothing
+is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptcore.config import ConfigError, JobConfig
+
+FORMAT = "gptcore-checkpoint"
+VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or does not fit the model."""
+
+
+@dataclass
+class TrainState:
+    """Progress of a run; restored on resume so step and token counts continue."""
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["best_val_loss"] = None if math.isinf(self.best_val_loss) else self.best_val_loss
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        d = dict(d)
+        d["best_val_loss"] = math.inf if d.get("best_val_loss") is None else d["best_val_loss"]
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: everything needed to rebuild the model or resume training."""
+
+    path: Path
+    config: JobConfig
+    model_state: dict[str, torch.Tensor]
+    state: TrainState
+    optimizer_state: dict[str, Any] | None = None
+    scaler_state: dict[str, Any] | None = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights, without a tied head (it is the token embedding)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_weights:
+        state.pop("head.weight", None)
+    return state
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"rng.cuda.{i}"] = s
+    return rng
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    config: JobConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder at ``path`` atomically (replacing an existing one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        tensors = {k: v.cpu() for k, v in model_state_dict(model).items()}
+        save_file(tensors, tmp / MODEL_FILE)
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config.to_dict(),
+            "state": state.to_dict(),
+            "extra": extra or {},
+        }
+        opt_tensors = _rng_tensors()
+        if optimizer is not None:
+            sd = optimizer.state_dict()
+            meta["optimizer"] = {"param_groups": sd["param_groups"], "scalars": {}}
+            for idx, slots in sd["state"].items():
+                for name, value in slots.items():
+                    if torch.is_tensor(value):
+                        opt_tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+                    else:
+                        meta["optimizer"]["scalars"][f"{idx}.{name}"] = value
+        if scaler is not None and scaler.is_enabled():
+            meta["scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+        save_file(opt_tensors, tmp / OPTIMIZER_FILE)
+        meta["files"] = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, OPTIMIZER_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        for name in (MODEL_FILE, OPTIMIZER_FILE, META_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_tensors(file: Path, expected_size: int | None) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete, pick another one")
+    size = file.stat().st_size
+    if expected_size is not None and size != expected_size:
+        raise CheckpointError(
+            f"{file} is truncated or altered ({size} bytes, metadata says {expected_size}); pick an earlier checkpoint"
+        )
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is corrupt or truncated ({exc}); pick an earlier checkpoint") from None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The parsed ``meta.json`` of a checkpoint folder, validated."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(
+            f"{path} is not a gptcore checkpoint folder (no {META_FILE}); "
+            "pass a folder written by gptcore (e.g. a trial's checkpoint_XXXXXX)"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_file} is truncated or corrupt ({exc}); pick an earlier checkpoint") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: unknown checkpoint format {meta.get('format')!r}")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{meta_file}: written by a newer gptcore (version {meta['version']}); upgrade gptcore")
+    return meta
+
+
+def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> Checkpoint:
+    """Read a checkpoint folder (CPU tensors), checking it is complete."""
+    path = Path(path)
+    meta = read_meta(path)
+    files = meta.get("files", {})
+    try:
+        config = JobConfig.from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / META_FILE}: invalid config ({exc})") from None
+    model_state = _load_tensors(path / MODEL_FILE, files.get(MODEL_FILE))
+    ckpt = Checkpoint(
+        path=path,
+        config=config,
+        model_state=model_state,
+        state=TrainState.from_dict(meta.get("state", {})),
+        scaler_state=meta.get("scaler"),
+        extra=meta.get("extra", {}),
+    )
+    if with_optimizer:
+        tensors = _load_tensors(path / OPTIMIZER_FILE, files.get(OPTIMIZER_FILE))
+        ckpt.rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+        if "optimizer" in meta:
+            ckpt.optimizer_state = _optimizer_state(meta["optimizer"], tensors)
+    return ckpt
+
+
+def _optimizer_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Copy ``state`` into ``model``, naming any missing, unexpected or mis-shaped parameter."""
+    target = model_state_dict(model)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
+            "it was saved from a different architecture (check model.* settings)"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(target[name].shape):
+            raise CheckpointError(
+                f"{source}: parameter {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(target[name].shape)}; it was saved from a different architecture (check model.* settings)"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target[name].copy_(tensor)
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in rng:
+        torch.set_rng_state(rng["rng.cpu"])
+    for key, value in rng.items():
+        if key.startswith("rng.cuda.") and torch.cuda.is_available():
+            index = int(key.rsplit(".", 1)[1])
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(value, index)
+
+
+def check_resumable(ckpt: Checkpoint, config: JobConfig) -> None:
+    """Resuming needs the same model; name the fields that differ."""
+    theirs, ours = ckpt.config.to_dict()["model"], config.to_dict()["model"]
+    diff = [f"model.{k}: checkpoint {theirs[k]!r} vs config {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}: it is a checkpoint of another architecture ({'; '.join(diff)}); "
+            "start a fresh run or resume with the checkpoint's model settings"
+        )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
+    """Rebuild the model a checkpoint was saved from, in eval mode."""
+    from gptcore.model import GPT
+
+    ckpt = load_checkpoint(path, with_optimizer=False)
+    model = GPT(ckpt.config.model)
+    load_model_weights(model, ckpt.model_state, source=str(path))
+    return model.to(device).eval(), ckpt

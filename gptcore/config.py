@@ -1,0 +1,345 @@
+"""Configuration as validated data: model presets, data and training settings.
+
+A `JobConfig` is the whole description of one training run. It has three sections,
+`model` (`GPTConfig`), `data` (`DataConfig`) and `train` (`TrainConfig`), and every field
+is addressable by a dotted key such as ``model.pos_emb``, ``data.stride`` or ``train.lr``
+(used by experiment grids and ``--set`` overrides). Validation happens once, at
+construction, and raises `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+PosEmb = Literal["learned", "sinusoidal", "rope"]
+POS_EMBS: tuple[str, ...] = typing.get_args(PosEmb)
+InitScheme = Literal["gpt2", "torch"]
+INIT_SCHEMES: tuple[str, ...] = typing.get_args(InitScheme)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _positive_int(value: Any, key: str) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        key,
+        f"must be a positive integer, got {value!r}",
+    )
+
+
+def _non_negative_int(value: Any, key: str) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+        key,
+        f"must be an integer >= 0, got {value!r}",
+    )
+
+
+def _finite_number(value: Any, key: str, *, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if math.isinf(high):
+        expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    _require(ok, key, f"must be {expected}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape and options of the decoder-only Transformer."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    d_model: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    dropout: float = 0.1
+    qkv_bias: bool = True
+    bias: bool = True  # biases of the other linear layers and LayerNorms (GPT-2: True)
+    pos_emb: PosEmb = "learned"
+    tie_weights: bool = True
+    freeze_token_embeddings: bool = False
+    layer_norm_eps: float = 1e-5
+    mlp_ratio: int = 4
+    rope_base: float = 10000.0
+    pad_vocab_multiple: int = 1  # e.g. 64 pads 50257 -> 50304 for faster matmuls on GPU
+    # "gpt2": N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layers) (GPT-2, nanoGPT).
+    # "torch": PyTorch's layer defaults (embeddings N(0, 1)), as the seed's book code does.
+    init_scheme: InitScheme = "gpt2"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "mlp_ratio"):
+            _positive_int(getattr(self, name), f"model.{name}")
+        _positive_int(self.pad_vocab_multiple, "model.pad_vocab_multiple")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "model.d_model",
+            f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+        )
+        _require(
+            self.pos_emb in POS_EMBS,
+            "model.pos_emb",
+            f"unknown positional embedding {self.pos_emb!r}; choose one of {', '.join(POS_EMBS)}",
+        )
+        _require(
+            self.init_scheme in INIT_SCHEMES,
+            "model.init_scheme",
+            f"unknown init scheme {self.init_scheme!r}; choose one of {', '.join(INIT_SCHEMES)}",
+        )
+        if self.pos_emb == "rope":
+            _require(
+                self.head_dim % 2 == 0,
+                "model.d_model",
+                f"RoPE needs an even head dimension, got d_model/n_heads={self.head_dim}",
+            )
+        _finite_number(self.dropout, "model.dropout", low=0.0, high=1.0)
+        _require(self.dropout < 1.0, "model.dropout", "must be < 1")
+        _finite_number(self.layer_norm_eps, "model.layer_norm_eps", low=0.0, high=1.0, low_open=True)
+        _finite_number(self.rope_base, "model.rope_base", low=1.0, high=1e9, low_open=True)
+        for name in ("qkv_bias", "bias", "tie_weights", "freeze_token_embeddings"):
+            _require(isinstance(getattr(self, name), bool), f"model.{name}", "must be true or false")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+_GPT2 = dict(vocab_size=50257, context_length=1024, qkv_bias=True, tie_weights=True, dropout=0.1)
+
+#: Model presets. ``gpt2-*`` are OpenAI's GPT-2 shapes (tied head, biases everywhere);
+#: ``tiny``/``micro`` are for tests and smoke runs (real tokenizer vocabulary, tiny width).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-small": {**_GPT2, "d_model": 768, "n_heads": 12, "n_layers": 12},
+    "gpt2-medium": {**_GPT2, "d_model": 1024, "n_heads": 16, "n_layers": 24},
+    "gpt2-large": {**_GPT2, "d_model": 1280, "n_heads": 20, "n_layers": 36},
+    "gpt2-xl": {**_GPT2, "d_model": 1600, "n_heads": 25, "n_layers": 48},
+    "tiny": {**_GPT2, "context_length": 64, "d_model": 64, "n_heads": 4, "n_layers": 2},
+    "micro": {**_GPT2, "context_length": 32, "d_model": 32, "n_heads": 2, "n_layers": 1},
+}
+
+
+def model_config(preset: str = "gpt2-small", **overrides: Any) -> GPTConfig:
+    """A `GPTConfig` from a preset name plus field overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return _build(GPTConfig, {**PRESETS[preset], **overrides}, "model")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes (input, target) windows."""
+
+    corpus: str | list[str] = "the-verdict"  # a named corpus, a file, a folder, or a list of files
+    stride: int | None = None  # None: stride = context_length (non-overlapping windows)
+    val_fraction: float = 0.1
+    split: Literal["tokens", "documents"] = "tokens"
+
+    def __post_init__(self) -> None:
+        corpus_ok = (isinstance(self.corpus, str) and self.corpus.strip() != "") or (
+            isinstance(self.corpus, (list, tuple))
+            and len(self.corpus) > 0
+            and all(isinstance(c, str) and c for c in self.corpus)
+        )
+        _require(corpus_ok, "data.corpus", f"must be a corpus name, a path or a list of paths, got {self.corpus!r}")
+        if isinstance(self.corpus, tuple):
+            object.__setattr__(self, "corpus", list(self.corpus))
+        if self.stride is not None:
+            _positive_int(self.stride, "data.stride")
+        _finite_number(self.val_fraction, "data.val_fraction", low=0.0, high=1.0, low_open=True)
+        _require(self.val_fraction < 1.0, "data.val_fraction", "must be < 1 (some tokens must be left to train on)")
+        _require(
+            self.split in ("tokens", "documents"),
+            "data.split",
+            f"must be 'tokens' or 'documents', got {self.split!r}",
+        )
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation, sampling and checkpoint cadence."""
+
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (whatever the epochs)
+    lr: float = 4e-4
+    min_lr: float = 0.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 50  # steps; 0 evaluates only at the end
+    eval_iters: int = 5
+    sample_every: int | None = None  # steps; None: at every evaluation; 0: never
+    sample_prompt: str = "Every effort moves you"
+    sample_max_new_tokens: int = 50
+    sample_temperature: float = 0.0  # 0 = greedy
+    sample_top_k: int | None = None
+    checkpoint_every: int = 0  # steps; 0: at the end of every epoch (and always at the end)
+    seed: int = 123
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    init_from: str = "scratch"  # "scratch", a GPT-2 model id ("gpt2", ...) or a local checkpoint path
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "epochs", "eval_iters"):
+            _positive_int(getattr(self, name), f"train.{name}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_max_new_tokens", "num_threads"):
+            _non_negative_int(getattr(self, name), f"train.{name}")
+        if self.max_steps is not None:
+            _positive_int(self.max_steps, "train.max_steps")
+        if self.sample_every is not None:
+            _non_negative_int(self.sample_every, "train.sample_every")
+        if self.sample_top_k is not None:
+            _positive_int(self.sample_top_k, "train.sample_top_k")
+        _non_negative_int(self.seed, "train.seed")
+        _finite_number(self.lr, "train.lr", low=0.0, high=math.inf, low_open=True)
+        _finite_number(self.min_lr, "train.min_lr", low=0.0, high=self.lr)
+        _finite_number(self.weight_decay, "train.weight_decay", low=0.0, high=math.inf)
+        _finite_number(self.beta1, "train.beta1", low=0.0, high=1.0)
+        _finite_number(self.beta2, "train.beta2", low=0.0, high=1.0)
+        _finite_number(self.grad_clip, "train.grad_clip", low=0.0, high=1e6)
+        _finite_number(self.sample_temperature, "train.sample_temperature", low=0.0, high=100.0)
+        _require(
+            self.lr_schedule in ("cosine", "constant"),
+            "train.lr_schedule",
+            f"must be 'cosine' or 'constant', got {self.lr_schedule!r}",
+        )
+        _require(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            "train.precision",
+            f"must be one of auto, fp32, bf16, fp16, got {self.precision!r}",
+        )
+        _require(isinstance(self.compile, bool), "train.compile", "must be true or false")
+        _require(
+            isinstance(self.init_from, str) and self.init_from != "", "train.init_from", "must be a non-empty string"
+        )
+        _require(isinstance(self.sample_prompt, str), "train.sample_prompt", "must be a string")
+
+
+# --------------------------------------------------------------------------- job
+
+
+SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one training run needs: model, data and training sections."""
+
+    model: GPTConfig = field(default_factory=lambda: model_config("gpt2-small"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def stride(self) -> int:
+        return self.data.stride or self.model.context_length
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def flat(self) -> dict[str, Any]:
+        """Every field as ``{"section.field": value}``."""
+        return {f"{s}.{k}": v for s, values in self.to_dict().items() for k, v in values.items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobConfig:
+        """Build from nested or dotted keys; ``model.preset`` picks the starting preset.
+
+        ``{"model": {"preset": "tiny", "context_length": 32}, "train.lr": 1e-3}`` is valid.
+        """
+        nested = nest(raw)
+        unknown = set(nested) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown config section; valid sections are {', '.join(SECTIONS)}")
+        model_raw = dict(nested.get("model", {}))
+        preset = model_raw.pop("preset", "gpt2-small")
+        return cls(
+            model=model_config(preset, **_check_keys(GPTConfig, model_raw, "model")),
+            data=_build(DataConfig, nested.get("data", {}), "data"),
+            train=_build(TrainConfig, nested.get("train", {}), "train"),
+        )
+
+
+def nest(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Turn ``{"a.b": 1, "c": {"d": 2}}`` into ``{"a": {"b": 1}, "c": {"d": 2}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+            continue
+        section, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ConfigError(f"{key}: expected a dotted key 'section.field' (e.g. train.lr) or a section dict")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def valid_keys() -> list[str]:
+    """All dotted keys a grid or ``--set`` may use."""
+    keys = ["model.preset"]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def field_type(key: str) -> Any:
+    """The annotated type of a dotted key (``model.preset`` is a str)."""
+    if key == "model.preset":
+        return str
+    section, _, name = key.partition(".")
+    cls = SECTIONS.get(section)
+    hints = typing.get_type_hints(cls) if cls else {}
+    if name not in hints:
+        raise ConfigError(f"{key}: unknown config key; valid keys: {', '.join(valid_keys())}")
+    return hints[name]
+
+
+def _check_keys(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            close = [n for n in names if n.replace("_", "") == key.replace("_", "")]
+            hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{section}.{key}: unknown config key{hint}; valid keys in '{section}': {', '.join(sorted(names))}"
+            )
+    return values
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    try:
+        return cls(**_check_keys(cls, values, section))
+    except TypeError as exc:  # e.g. comparisons on a value of the wrong type
+        raise ConfigError(f"{section}: invalid value ({exc})") from None

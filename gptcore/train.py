@@ -1,0 +1,484 @@
+"""The training loop and its pieces: optimizer, LR schedule, precision, step, evaluation.
+
+`train(config, hooks)` is a plain single-process loop. Distributed runners (the orchestrator's
+Ray Train worker) call the same function with their rank, world size, device and a model
+wrapper (DDP), and plug metrics, samples and checkpoints in through `Hooks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import platform
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gptcore.checkpoint import (
+    TrainState,
+    check_resumable,
+    load_checkpoint,
+    load_model_weights,
+    restore_rng,
+    save_checkpoint,
+)
+from gptcore.config import JobConfig
+from gptcore.data import SlidingWindowDataset, build_datasets, make_loader
+from gptcore.model import GPT
+from gptcore.sampling import generate_text
+
+# --------------------------------------------------------------------------- pieces
+
+
+def set_seed(seed: int) -> int:
+    """Seed Python, NumPy and torch (all devices); returns the seed for logging."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
+
+    ``auto``: bf16 on CUDA GPUs that support it, fp16 (with a GradScaler) on older GPUs,
+    bf16 on CPUs with native bf16 instructions (AVX-512 BF16 / AMX), fp32 elsewhere.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_memory_mapped() -> None:
+    """Stop glibc from returning large freed blocks to the OS.
+
+    Every training step allocates and frees the same large buffers (logits, embedding
+    gradients). With glibc's defaults each is a fresh mmap whose pages fault in again on
+    first touch, which costs a third of a CPU step for gpt2-small. Keeping them in the heap
+    removes that cost; the process keeps its peak memory, as any caching allocator does.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 40)
+
+
+def configure_optimizer(model: torch.nn.Module, config: JobConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; frozen parameters excluded."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    t = config.train
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+
+
+def learning_rate(step: int, total_steps: int, config: JobConfig) -> float:
+    """Linear warmup to ``lr``, then constant or cosine decay to ``min_lr`` at ``total_steps``."""
+    t = config.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over flattened (B*T, V) logits."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _all_reduce_mean(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    eval_iters: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> float:
+    """Mean loss over the first ``eval_iters`` batches of ``loader`` (averaged across ranks)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i, (x, y) in enumerate(loader):
+            if i >= eval_iters:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                logits = model(x)
+            total += lm_loss(logits, y).item()
+            count += 1
+    finally:
+        model.train(was_training)
+    return _all_reduce_mean(total / max(count, 1), device)
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+@dataclass
+class TrainContext:
+    """What hooks may read: the job, the (unwrapped) model, sizes and the run's identity."""
+
+    config: JobConfig
+    model: GPT
+    device: torch.device
+    rank: int
+    world_size: int
+    train_windows: int
+    val_windows: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    dtype: torch.dtype | None
+    resumed_from: str | None = None
+    init_report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def epochs_done(self, state: TrainState) -> float:
+        """Fractional epochs completed, e.g. 1.5 halfway through the second epoch."""
+        return state.epoch + state.batch_in_epoch / self.batches_per_epoch
+
+
+class Hooks:
+    """Callbacks of `train`; every method is optional. Called on every rank."""
+
+    def on_train_start(self, ctx: TrainContext, state: TrainState) -> None: ...
+
+    def on_step(self, ctx: TrainContext, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+    def on_eval(
+        self,
+        ctx: TrainContext,
+        state: TrainState,
+        metrics: dict[str, float],
+        sample: str | None,
+        save: Callable[[Path], Path] | None,
+    ) -> None:
+        """After an evaluation. ``save`` is given at checkpoint points: ``save(dir)`` writes one."""
+
+    def on_train_end(self, ctx: TrainContext, state: TrainState, result: TrainResult) -> None: ...
+
+
+class HookList(Hooks):
+    def __init__(self, *hooks: Hooks):
+        self.hooks = [h for h in hooks if h is not None]
+
+    def on_train_start(self, ctx, state):
+        for h in self.hooks:
+            h.on_train_start(ctx, state)
+
+    def on_step(self, ctx, state, metrics):
+        for h in self.hooks:
+            h.on_step(ctx, state, metrics)
+
+    def on_eval(self, ctx, state, metrics, sample, save):
+        for h in self.hooks:
+            h.on_eval(ctx, state, metrics, sample, save)
+
+    def on_train_end(self, ctx, state, result):
+        for h in self.hooks:
+            h.on_train_end(ctx, state, result)
+
+
+class LocalCheckpoints(Hooks):
+    """Keep ``latest/`` and ``best/`` checkpoint folders under ``directory`` (rank 0)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def on_eval(self, ctx, state, metrics, sample, save):
+        if save is None or not ctx.is_main:
+            return
+        save(self.directory / "latest")
+        if metrics.get("val_loss", math.inf) <= state.best_val_loss:
+            save(self.directory / "best")
+
+
+class PrintProgress(Hooks):
+    """One console line per evaluation (rank 0)."""
+
+    def on_eval(self, ctx, state, metrics, sample, save):
+        if not ctx.is_main:
+            return
+        print(
+            f"epoch {ctx.epochs_done(state):.2f} step {state.step}/{ctx.total_steps}: "
+            f"train {metrics['train_loss']:.3f} val {metrics['val_loss']:.3f} | {metrics.get('tokens_per_sec', 0):.0f} tok/s",
+            flush=True,
+        )
+        if sample is not None:
+            print(f"  sample: {sample!r}", flush=True)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" or "diverged"
+    state: TrainState
+    metrics: dict[str, float]  # last evaluation
+    wall_time: float
+    tokens_per_sec: float
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str, Any]]:
+    """A GPT for ``config``, initialised from scratch or from ``train.init_from``."""
+    model = GPT(config.model)
+    report: dict[str, Any] = {"init_from": config.train.init_from}
+    source = config.train.init_from
+    if source != "scratch":
+        if Path(source).expanduser().is_dir() and (Path(source).expanduser() / "meta.json").is_file():
+            ckpt = load_checkpoint(Path(source).expanduser(), with_optimizer=False)
+            load_model_weights(model, ckpt.model_state, source=source)
+        else:
+            from gptcore.pretrained import load_pretrained_into
+
+            report.update(load_pretrained_into(model, source))
+    return model.to(device), report
+
+
+def _batches(loader, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i, batch in enumerate(loader):
+        if i >= skip:
+            yield batch
+
+
+def train(
+    config: JobConfig,
+    hooks: Hooks | None = None,
+    *,
+    resume_from: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    datasets: tuple[SlidingWindowDataset, SlidingWindowDataset] | None = None,
+) -> TrainResult:
+    """Train a GPT as ``config`` says; resumes from a checkpoint folder if given.
+
+    ``wrap_model`` wraps the model for data parallelism (e.g. DDP); the loader is sharded
+    by ``rank``/``world_size``. Returns when the epochs or ``max_steps`` are done, or early
+    with status ``"diverged"`` when the loss stops being finite.
+    """
+    hooks = hooks or Hooks()
+    t = config.train
+    device = torch.device(device) if device is not None else resolve_device(t.device)
+    if device.type == "cpu":
+        keep_freed_memory_mapped()
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+    dtype = resolve_precision(t.precision, device)
+    set_seed(t.seed + rank)
+
+    train_ds, val_ds = datasets or build_datasets(config)
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        train_ds,
+        t.batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=t.seed,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin,
+    )
+    train_eval_loader = make_loader(
+        train_ds, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
+    )
+    val_loader = make_loader(
+        val_ds, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
+    )
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"the train split has {len(train_ds)} windows, fewer than train.batch_size={t.batch_size} x "
+            f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
+    total_steps = min(t.max_steps or math.inf, t.epochs * steps_per_epoch)
+
+    model, init_report = build_model(config, device)
+    optimizer = configure_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = TrainState(seed=t.seed)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        check_resumable(ckpt, config)
+        load_model_weights(model, ckpt.model_state, source=str(resume_from))
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        if ckpt.scaler_state:
+            scaler.load_state_dict(ckpt.scaler_state)
+        restore_rng(ckpt.rng)
+        state = ckpt.state
+    raw_model = model
+    if t.compile:
+        model = torch.compile(model)
+    if wrap_model is not None:
+        model = wrap_model(model)
+
+    ctx = TrainContext(
+        config=config,
+        model=raw_model,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        train_windows=len(train_ds),
+        val_windows=len(val_ds),
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=int(total_steps),
+        dtype=dtype,
+        resumed_from=str(resume_from) if resume_from else None,
+        init_report=init_report,
+    )
+    hooks.on_train_start(ctx, state)
+
+    def save(path: Path) -> Path:
+        return save_checkpoint(path, model=raw_model, config=config, state=state, optimizer=optimizer, scaler=scaler)
+
+    def run_eval(checkpoint: bool, extra: dict[str, float]) -> dict[str, float]:
+        metrics = {
+            "train_loss": evaluate(model, train_eval_loader, t.eval_iters, device, dtype),
+            "val_loss": evaluate(model, val_loader, t.eval_iters, device, dtype),
+            **extra,
+        }
+        metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+        state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
+        metrics["best_val_loss"] = state.best_val_loss
+        want_sample = t.sample_every is None or (t.sample_every > 0 and state.step % t.sample_every == 0)
+        sample = None
+        if want_sample and ctx.is_main and t.sample_max_new_tokens > 0:
+            with autocast(device, dtype):
+                sample = generate_text(
+                    raw_model,
+                    t.sample_prompt,
+                    t.sample_max_new_tokens,
+                    temperature=t.sample_temperature,
+                    top_k=t.sample_top_k,
+                )[0]
+        hooks.on_eval(ctx, state, metrics, sample, save if checkpoint else None)
+        return metrics
+
+    status, metrics = "finished", {}
+    started = time.perf_counter()
+    tokens_at_start = state.tokens_seen
+    model.train()
+    while state.step < total_steps and state.epoch < t.epochs:
+        train_loader.sampler.set_epoch(state.epoch)
+        batches = _batches(train_loader, state.batch_in_epoch)
+        while state.step < total_steps and state.batch_in_epoch < batches_per_epoch:
+            step_start = time.perf_counter()
+            lr = learning_rate(state.step, int(total_steps), config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            n_micro = min(t.grad_accum_steps, batches_per_epoch - state.batch_in_epoch)
+            loss_sum = 0.0
+            for micro in range(n_micro):
+                x, y = next(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = micro == n_micro - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
+                    loss = lm_loss(model(x), y) / n_micro
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+                state.tokens_seen += x.numel() * world_size
+            if t.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+            else:
+                grad_norm = float("nan")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += n_micro
+            loss_value = _all_reduce_mean(float(loss_sum), device)
+            elapsed = time.perf_counter() - step_start
+            step_metrics = {
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_seen": float(state.tokens_seen),
+                "tokens_per_sec": n_micro * t.batch_size * config.model.context_length * world_size / elapsed,
+            }
+            step_metrics["epoch"] = ctx.epochs_done(state)
+            hooks.on_step(ctx, state, step_metrics)
+            if not math.isfinite(loss_value):
+                status = "diverged"
+                break
+            epoch_end = state.batch_in_epoch >= batches_per_epoch
+            last = state.step >= total_steps or (epoch_end and state.epoch + 1 >= t.epochs)
+            checkpoint = last or (epoch_end if t.checkpoint_every == 0 else state.step % t.checkpoint_every == 0)
+            if epoch_end:  # the saved state points at the start of the next epoch
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            if checkpoint or (t.eval_every and state.step % t.eval_every == 0):
+                metrics = run_eval(checkpoint, {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": lr})
+            if epoch_end:
+                break
+        if status == "diverged":
+            break
+    wall = time.perf_counter() - started
+    if status == "diverged":
+        metrics = {"loss": loss_value, "train_loss": math.nan, "val_loss": math.nan}
+    result = TrainResult(
+        status=status,
+        state=state,
+        metrics=metrics,
+        wall_time=wall,
+        tokens_per_sec=(state.tokens_seen - tokens_at_start) / max(wall, 1e-9),
+    )
+    hooks.on_train_end(ctx, state, result)
+    return result

@@ -1,0 +1,1 @@
+"""Ray Train / Ray Tune / MLflow orchestration of gptcore experiments."""

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from gptcore.config import PRESETS, ConfigError, GPTConfig, JobConfig, model_config, valid_keys
+from gptcore.model import GPT
+
+
+def test_gpt2_small_preset_has_124m_parameters():
+    assert GPT(model_config("gpt2-small")).num_params() == 124_439_808
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_valid(name):
+    config = model_config(name)
+    assert config.d_model % config.n_heads == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"d_model": 100, "n_heads": 12}, "model.d_model"),
+        ({"pos_emb": "alibi"}, "model.pos_emb"),
+        ({"n_layers": 0}, "model.n_layers"),
+        ({"context_length": -1}, "model.context_length"),
+        ({"vocab_size": 0}, "model.vocab_size"),
+        ({"dropout": 1.5}, "model.dropout"),
+        ({"n_heads": 2.5}, "model.n_heads"),
+    ],
+)
+def test_invalid_model_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        model_config("tiny", **overrides)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"data.stride": 0}, "data.stride"),
+        ({"data.stride": -5}, "data.stride"),
+        ({"train.lr": 0.0}, "train.lr"),
+        ({"train.lr": math.nan}, "train.lr"),
+        ({"train.lr": -1e-3}, "train.lr"),
+        ({"train.batch_size": 0}, "train.batch_size"),
+        ({"train.lr": "fast"}, "train.lr"),
+        ({"train.precision": "fp8"}, "train.precision"),
+        ({"data.val_fraction": 1.0}, "data.val_fraction"),
+        ({"train.learning_rate": 1e-3}, "train.learning_rate"),
+        ({"optim.lr": 1e-3}, "optim"),
+        ({"model.preset": "gpt5"}, "model.preset"),
+    ],
+)
+def test_invalid_job_values_name_the_field(raw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        JobConfig.from_dict(raw)
+
+
+def test_dotted_and_nested_keys_round_trip():
+    job = JobConfig.from_dict({"model": {"preset": "tiny", "pos_emb": "rope"}, "train.lr": 1e-3, "data.stride": 16})
+    assert job.model.pos_emb == "rope" and job.model.d_model == 64
+    assert job.train.lr == 1e-3 and job.stride == 16
+    again = JobConfig.from_dict(job.to_dict())
+    assert again == job
+    assert set(job.flat()) <= set(valid_keys())
+
+
+def test_stride_defaults_to_context_length():
+    job = JobConfig.from_dict({"model": {"preset": "tiny"}})
+    assert job.stride == job.model.context_length == 64
+
+
+def test_padded_vocab():
+    assert GPTConfig(pad_vocab_multiple=64).padded_vocab_size == 50304

@@ -1,0 +1,136 @@
+import math
+
+import pytest
+import torch
+
+from gptcore.train import (
+    Hooks,
+    build_model,
+    configure_optimizer,
+    evaluate,
+    learning_rate,
+    lm_loss,
+    resolve_precision,
+    train,
+)
+
+from .conftest import tiny_job
+
+
+class Recorder(Hooks):
+    def __init__(self):
+        self.steps, self.evals, self.samples, self.saves, self.started, self.ended = [], [], [], 0, 0, None
+
+    def on_train_start(self, ctx, state):
+        self.started += 1
+
+    def on_step(self, ctx, state, metrics):
+        self.steps.append((state.step, metrics))
+
+    def on_eval(self, ctx, state, metrics, sample, save):
+        self.evals.append((state.step, metrics))
+        self.samples.append(sample)
+        self.saves += save is not None
+
+    def on_train_end(self, ctx, state, result):
+        self.ended = result
+
+
+def test_cross_entropy_over_flattened_logits():
+    logits = torch.randn(2, 3, 7)
+    targets = torch.randint(0, 7, (2, 3))
+    manual = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
+    assert lm_loss(logits, targets).item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_weight_decay_only_on_2d_weights():
+    job = tiny_job(model={"tie_weights": False, "freeze_token_embeddings": True})
+    model, _ = build_model(job, torch.device("cpu"))
+    decay, no_decay = configure_optimizer(model, job, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert all(p is not model.tok_emb.weight for p in decay["params"])  # frozen: not optimized
+
+
+def test_warmup_then_cosine():
+    job = tiny_job(train={"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10})
+    assert learning_rate(0, 100, job) == pytest.approx(1e-4)
+    assert learning_rate(9, 100, job) == pytest.approx(1e-3)
+    assert learning_rate(55, 100, job) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert learning_rate(100, 100, job) == pytest.approx(1e-4)
+    constant = tiny_job(train={"lr": 1e-3, "lr_schedule": "constant"})
+    assert learning_rate(77, 100, constant) == 1e-3
+
+
+def test_precision_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("fp16", cuda) is torch.float16
+    auto = resolve_precision("auto", cpu)
+    assert auto in (None, torch.bfloat16)
+    assert (auto is torch.bfloat16) == torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def test_evaluate_uses_eval_mode_and_no_grad():
+    job = tiny_job(model={"dropout": 0.5})
+    model, _ = build_model(job, torch.device("cpu"))
+    batches = [(torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8)))] * 3
+    a = evaluate(model, batches, 3, torch.device("cpu"), None)
+    b = evaluate(model, batches, 3, torch.device("cpu"), None)
+    assert a == b and model.training  # deterministic (no dropout) and the mode is restored
+
+
+def test_train_calls_hooks_and_counts_tokens():
+    rec = Recorder()
+    result = train(tiny_job(train={"max_steps": 6, "eval_every": 3}), rec)
+    assert result.status == "finished" and result.state.step == 6
+    assert [s for s, _ in rec.steps] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in rec.evals] == [3, 6]
+    assert rec.saves == 1  # the last evaluation is a checkpoint point
+    assert result.state.tokens_seen == 6 * 4 * 32
+    assert rec.samples[-1].startswith("Every effort moves you")
+    assert {"loss", "lr", "tokens_seen", "tokens_per_sec", "grad_norm", "epoch"} <= set(rec.steps[0][1])
+    assert {"train_loss", "val_loss", "val_perplexity", "best_val_loss"} <= set(rec.evals[0][1])
+    assert result.state.seed == 123 and rec.started == 1 and rec.ended is result
+
+
+def test_training_reduces_loss():
+    result = train(tiny_job(train={"max_steps": 30, "eval_every": 30, "lr": 1e-2, "batch_size": 8}))
+    first = tiny_job(train={"max_steps": 1, "eval_every": 1, "lr": 1e-2, "batch_size": 8})
+    assert result.metrics["train_loss"] < train(first).metrics["train_loss"] - 1.0
+
+
+def test_same_seed_same_run():
+    a = train(tiny_job(train={"precision": "fp32"}))
+    b = train(tiny_job(train={"precision": "fp32"}))
+    assert a.metrics["val_loss"] == b.metrics["val_loss"]
+
+
+def test_gradient_accumulation_matches_a_larger_batch():
+    """2 micro-batches of 2 give the same update as one batch of 4 (fp32, no dropout, same order)."""
+    common = {"precision": "fp32", "max_steps": 2, "eval_iters": 100}  # evaluate on all windows
+    job_big = tiny_job(train={**common, "batch_size": 4, "grad_accum_steps": 1})
+    job_acc = tiny_job(train={**common, "batch_size": 2, "grad_accum_steps": 2})
+    # same data order: the sampler shuffles windows, micro-batches are consecutive slices of it
+    big, acc = train(job_big), train(job_acc)
+    assert big.state.tokens_seen == acc.state.tokens_seen
+    assert big.metrics["val_loss"] == pytest.approx(acc.metrics["val_loss"], abs=1e-4)
+
+
+def test_epochs_and_checkpoint_points():
+    rec = Recorder()
+    job = tiny_job(
+        model={"preset": "micro", "context_length": 256},
+        data={"stride": 256},
+        train={"batch_size": 2, "max_steps": None, "epochs": 2, "eval_every": 0},
+    )
+    result = train(job, rec)
+    assert result.state.step == 2 * 9 and result.state.epoch == 2
+    assert [s for s, _ in rec.evals] == [9, 18] and rec.saves == 2  # end of each epoch
+
+
+def test_divergence_stops_with_status():
+    result = train(tiny_job(train={"lr": 1e6, "grad_clip": 0.0, "max_steps": 50, "precision": "fp32"}))
+    assert result.status == "diverged" and result.state.step < 50
+    assert not math.isfinite(result.metrics["loss"])
