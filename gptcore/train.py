@@ -253,7 +253,8 @@ class PrintProgress(Hooks):
             return
         print(
             f"epoch {ctx.epochs_done(state):.2f} step {state.step}/{ctx.total_steps}: "
-            f"train {metrics['train_loss']:.3f} val {metrics['val_loss']:.3f} | {metrics.get('tokens_per_sec', 0):.0f} tok/s",
+            f"train {metrics['train_loss']:.3f} val {metrics['val_loss']:.3f} | "
+            f"{metrics.get('tokens_per_sec', 0):.0f} tok/s",
             flush=True,
         )
         if sample is not None:
