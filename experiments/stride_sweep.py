@@ -1,0 +1,34 @@
+"""The seed's data-redundancy study: non-overlapping windows (stride 256) vs half-overlapping (stride 128).
+
+The book's setting: the-verdict, gpt2-small with context 256 (no QKV bias, untied head, PyTorch's
+default init, as in the book's code), batch 2, AdamW lr 4e-4, weight decay 0.1, 10 epochs, an
+evaluation every 5 steps with a sample from "Every effort moves you".
+
+    python -m orchestrator run experiments/stride_sweep.py
+    python -m orchestrator run experiments/stride_sweep.py --set model.preset=tiny --set train.epochs=1   # smoke run
+"""
+
+from orchestrator import Experiment, grid
+
+EXPERIMENT = Experiment(
+    name="stride_sweep",
+    corpus="the-verdict",
+    model="gpt2-small",
+    model_overrides={"context_length": 256, "qkv_bias": False, "tie_weights": False, "init_scheme": "torch"},
+    train={
+        "batch_size": 2,
+        "lr": 4e-4,
+        "weight_decay": 0.1,
+        "beta2": 0.999,
+        "lr_schedule": "constant",
+        "grad_clip": 0.0,
+        "epochs": 10,
+        "eval_every": 5,
+        "eval_iters": 5,
+        "sample_every": 10,
+        "seed": 123,
+    },
+    grid={"data.stride": grid(256, 128)},
+    metric="val_loss",
+    mode="min",
+)

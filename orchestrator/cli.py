@@ -1,0 +1,219 @@
+"""``python -m orchestrator`` — run sweeps, browse them in MLflow, sample from checkpoints, report results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from gptcore.checkpoint import CheckpointError
+    from gptcore.config import ConfigError
+    from gptcore.data import DataError
+    from orchestrator.experiment import ExperimentError
+    from orchestrator.report import ReportError
+    from orchestrator.sweep import SweepError
+    from orchestrator.tracking import TrackingError
+
+    return (CheckpointError, ConfigError, DataError, ExperimentError, ReportError, SweepError, TrackingError)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.experiment import load_experiment, parse_overrides
+    from orchestrator.report import write_report
+    from orchestrator.sweep import SweepOptions, describe_plan, exit_code, make_plan, run_sweep
+
+    experiment = load_experiment(args.experiment)
+    use_gpu = {"auto": "auto", "yes": True, "no": False, None: None}[args.use_gpu]
+    options = SweepOptions(
+        overrides=parse_overrides(args.set or []),
+        address=args.address,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        max_concurrent=args.max_concurrent,
+        resume=args.resume,
+        workers=args.workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        experiment_file=str(Path(args.experiment).absolute()),
+    )
+    plan = make_plan(experiment, options)  # validates every trial before anything starts
+    if args.dry_run:
+        print(describe_plan(plan, options))
+        return 0
+    outcome = run_sweep(experiment, options, wait_for_resources=args.wait_for_resources)
+    report = write_report(outcome.tracking_uri, outcome.experiment, outcome.sweep_id)
+    print(f"\nResults of sweep {outcome.sweep_id} (ranked by best val loss):\n{report['table']}")
+    print(f"\nMLflow: python -m orchestrator ui{_uri_flag(args.tracking_uri)}  (parent run {outcome.parent_run_id})")
+    if outcome.interrupted:
+        print(f"\nThe sweep was interrupted; finish it with: python -m orchestrator run {args.experiment} --resume")
+    return exit_code(outcome)
+
+
+def _uri_flag(uri: str | None) -> str:
+    return f" --tracking-uri {uri}" if uri else ""
+
+
+# --------------------------------------------------------------------------- ui
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.tracking import absolute_uri, default_tracking_uri
+
+    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.expose:
+        print(
+            f"error: refusing to bind the MLflow UI to {args.host}: anyone on the network could read and change "
+            "runs. Pass --expose to do it anyway, or keep 127.0.0.1 and use an SSH port-forward "
+            "(ssh -L 5000:127.0.0.1:5000 HOST)",
+            file=sys.stderr,
+        )
+        return 2
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host]
+    command += ["--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def _local_checkpoint(uri: str, stack: tempfile.TemporaryDirectory) -> Path:
+    """A local folder for a checkpoint path or object-store URI (downloaded to a temp folder)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://")).expanduser()
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    local = Path(stack.name) / "checkpoint"
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptcore.checkpoint import load_model
+    from gptcore.sampling import generate_text
+    from gptcore.train import autocast, resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        holder = tempfile.TemporaryDirectory(dir=tmp)
+        model, ckpt = load_model(_local_checkpoint(args.checkpoint, holder), device=device)
+    dtype = resolve_precision(args.precision, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast(device, dtype):
+        texts = generate_text(
+            model,
+            [args.prompt] * args.num_samples,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=generator,
+        )
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+    return 0
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report
+    from orchestrator.tracking import absolute_uri, default_tracking_uri
+
+    name = args.experiment
+    if name.endswith(".py"):
+        from orchestrator.experiment import load_experiment
+
+        name = load_experiment(name).name
+    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    report = write_report(uri, name, args.sweep, args.out)
+    print(f"Sweep {report['sweep']} (ranked by best val loss):\n{report['table']}")
+    if args.out:
+        print(f"\nwritten to {Path(args.out).absolute()}: results.md, results.csv, val_loss_vs_tokens.png, ...")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,ui,sample,report}")
+
+    run = verbs.add_parser("run", help="run (or resume) the sweep an experiment file describes")
+    run.add_argument("experiment", help="experiment file, e.g. experiments/stride_sweep.py")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
+    run.add_argument("--address", help="join a running Ray cluster (HOST:PORT or auto); default: start a local one")
+    run.add_argument("--storage", help="Ray storage folder or URI (s3://...); default ./ray_results")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI; default: SQLite file ./mlruns.db")
+    run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    run.add_argument(
+        "--resume", nargs="?", const="latest", metavar="SWEEP_ID", help="continue an interrupted sweep (default: latest)"
+    )
+    run.add_argument("--workers", type=int, help="Ray Train workers per trial (overrides the experiment)")
+    run.add_argument("--use-gpu", choices=["auto", "yes", "no"], help="train on GPUs (default: the experiment's)")
+    run.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (default 1)")
+    run.add_argument(
+        "--wait-for-resources", action="store_true", help="wait for GPUs to appear (autoscaling) instead of failing"
+    )
+    run.set_defaults(func=cmd_run)
+
+    ui = verbs.add_parser("ui", help="start the MLflow UI on the project's tracking store")
+    ui.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--expose", action="store_true", help="allow binding a non-loopback address")
+    ui.set_defaults(func=cmd_ui)
+
+    sample = verbs.add_parser("sample", help="generate text from a trial's checkpoint")
+    sample.add_argument("checkpoint", help="checkpoint folder (or s3:// URI), e.g. ray_results/.../checkpoint_...")
+    sample.add_argument("--prompt", default="Every effort moves you")
+    sample.add_argument("--max-new-tokens", type=int, default=50)
+    sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sample.add_argument("--top-k", type=int)
+    sample.add_argument("--top-p", type=float)
+    sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    sample.set_defaults(func=cmd_sample)
+
+    report = verbs.add_parser("report", help="results table and plots of a sweep, from MLflow")
+    report.add_argument("experiment", help="experiment name or file")
+    report.add_argument("--sweep", help="sweep id (default: the latest)")
+    report.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
+    report.add_argument("--out", help="also write the table and plots to this folder")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Experiment files: a declarative description of a sweep, loaded and validated before anything starts.
+
+An experiment file is a Python file that defines ``EXPERIMENT = Experiment(...)``::
+
+    from orchestrator import Experiment, grid
+
+    EXPERIMENT = Experiment(
+        name="stride_sweep",
+        corpus="the-verdict",
+        model="gpt2-small",
+        model_overrides={"context_length": 256},
+        train={"batch_size": 2, "lr": 4e-4, "epochs": 10},
+        grid={"data.stride": grid(256, 128)},
+    )
+
+Grid keys and ``--set`` keys are dotted config keys (``model.pos_emb``, ``data.stride``, ``train.lr``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+import runpy
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gptcore.config import ConfigError, JobConfig, field_type, nest, valid_keys
+
+
+class ExperimentError(ValueError):
+    """The experiment file or an override is invalid; the message says what and how to fix it."""
+
+
+def grid(*values: Any) -> list[Any]:
+    """The values of one grid axis: ``grid(256, 128)``."""
+    if len(values) == 1 and isinstance(values[0], (list, tuple, range)):
+        values = tuple(values[0])
+    return list(values)
+
+
+@dataclass(frozen=True)
+class ASHA:
+    """Asynchronous successive halving: stop trials whose metric lags at each rung.
+
+    ``time_attr`` counts progress; ``max_t`` is its final value and ``grace_period`` the
+    minimum before a trial may be stopped (both in units of ``time_attr``, e.g. optimizer steps).
+    """
+
+    max_t: int
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    time_attr: str = "step"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A sweep: a base configuration, a grid over config keys, the metric and the resources per trial."""
+
+    name: str = ""
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    corpus: str | list[str] | None = None  # shorthand for data.corpus
+    model: str = "gpt2-small"  # preset name (model.preset)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    workers: int = 1  # Ray Train workers per trial (DDP when > 1)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
+    cpus_per_worker: float | None = None  # None: 1 CPU per worker
+    max_concurrent: int | None = None
+    scheduler: ASHA | None = None
+    max_failures: int = 2  # worker failures survived per trial (resume from the latest checkpoint)
+    checkpoints_to_keep: int = 2  # best by metric plus the latest
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ExperimentError(
+                f"Experiment needs a name made of letters, digits, '_', '-' or '.', got {self.name!r}; "
+                'add name="my_sweep"'
+            )
+        if not isinstance(self.grid, dict) or not self.grid:
+            raise ExperimentError(
+                f"experiment {self.name!r} has no grid; add grid={{\"data.stride\": grid(256, 128)}} "
+                "(a single run is a grid with one value)"
+            )
+        known = set(valid_keys())
+        for key, values in self.grid.items():
+            if key not in known:
+                raise ExperimentError(
+                    f"grid key {key!r} is not a config field; use a dotted key such as data.stride, "
+                    f"model.pos_emb, train.lr (all keys: {', '.join(sorted(known))})"
+                )
+            if not isinstance(values, (list, tuple)) or len(values) == 0:
+                raise ExperimentError(f"grid axis {key!r} is empty; give it at least one value, e.g. grid(1, 2)")
+        if self.metric not in ("val_loss", "train_loss", "best_val_loss", "val_perplexity"):
+            raise ExperimentError(
+                f"metric {self.metric!r} is not reported; use val_loss, best_val_loss, train_loss or val_perplexity"
+            )
+        if self.mode not in ("min", "max"):
+            raise ExperimentError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ExperimentError(f"workers must be an integer >= 1, got {self.workers!r}")
+        if self.use_gpu not in (True, False, "auto"):
+            raise ExperimentError(f"use_gpu must be true, false or 'auto', got {self.use_gpu!r}")
+        if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
+            raise ExperimentError(f"max_concurrent must be a positive integer, got {self.max_concurrent!r}")
+        if self.cpus_per_worker is not None and not (
+            isinstance(self.cpus_per_worker, (int, float)) and self.cpus_per_worker > 0
+        ):
+            raise ExperimentError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+
+    def base_config(self) -> dict[str, dict[str, Any]]:
+        """The nested raw config every trial starts from."""
+        data = dict(self.data)
+        if self.corpus is not None:
+            data["corpus"] = self.corpus
+        return {"model": {"preset": self.model, **self.model_overrides}, "data": data, "train": dict(self.train)}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the grid: a deterministic name, its grid values and its full configuration."""
+
+    index: int
+    name: str
+    params: dict[str, Any]  # grid values, by dotted key
+    config: dict[str, dict[str, Any]]  # nested raw config (preset + overrides)
+    job: JobConfig
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Execute an experiment file and return its validated ``EXPERIMENT``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {path} not found; pass a path such as experiments/stride_sweep.py")
+    try:
+        namespace = runpy.run_path(str(path), run_name="__experiment__")
+    except SyntaxError as exc:
+        raise ExperimentError(f"{path}:{exc.lineno}: syntax error: {exc.msg}; fix the file and run again") from None
+    except (ExperimentError, ConfigError) as exc:
+        raise ExperimentError(f"{path}: {exc}") from None
+    except TypeError as exc:  # e.g. Experiment(nme=...)
+        raise ExperimentError(f"{path}: {exc}; see the Experiment fields in orchestrator/experiment.py") from None
+    except Exception as exc:
+        raise ExperimentError(f"{path}: the file raised {type(exc).__name__}: {exc}") from None
+    experiment = namespace.get("EXPERIMENT")
+    if not isinstance(experiment, Experiment):
+        raise ExperimentError(f"{path} does not define EXPERIMENT = Experiment(...); add it (see experiments/)")
+    return experiment
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON (numbers, true/false, null, lists) or else a plain string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Ints given for float fields become floats (``--set train.lr=1`` is fine)."""
+    kinds = typing.get_args(field_type(key)) or (field_type(key),)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "model.preset=tiny"]`` -> ``{"train.lr": 0.001, "model.preset": "tiny"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+        if key not in valid_keys():
+            raise ExperimentError(
+                f"--set {key}: unknown config key; valid keys: {', '.join(valid_keys())}"
+            )
+        out[key] = _coerce(key, parse_value(text))
+    return out
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _merge(base: dict[str, dict[str, Any]], dotted: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    merged = copy.deepcopy(base)
+    for section, values in nest(dotted).items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return re.sub(r"[^A-Za-z0-9.+-]", "-", str(value))
+
+
+def trial_name(index: int, params: dict[str, Any]) -> str:
+    """Deterministic, filesystem-safe: ``003_stride=128_lr=0.0004``."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={_format(v)}" for key, v in params.items()]
+    return "_".join([f"{index:03d}", *parts])[:120]
+
+
+def expand_trials(experiment: Experiment, overrides: dict[str, Any] | None = None) -> list[Trial]:
+    """Every grid point as a validated `Trial`. ``--set`` on a grid key pins that axis to one value."""
+    overrides = dict(overrides or {})
+    axes = {key: list(values) for key, values in experiment.grid.items()}
+    for key in list(axes):
+        if key in overrides:
+            axes[key] = [overrides.pop(key)]
+    base = _merge(experiment.base_config(), {k: _coerce(k, v) for k, v in overrides.items()})
+    trials = []
+    for index, combo in enumerate(itertools.product(*axes.values())):
+        params = {key: _coerce(key, value) for key, value in zip(axes, combo, strict=True)}
+        config = _merge(base, params)
+        name = trial_name(index, params)
+        try:
+            job = JobConfig.from_dict(config)
+        except ConfigError as exc:
+            raise ExperimentError(f"trial {name}: {exc}") from None
+        trials.append(Trial(index, name, params, config, job))
+    return trials

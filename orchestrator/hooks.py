@@ -1,0 +1,187 @@
+"""Hooks a Ray Train worker plugs into gptcore's `train`: Ray reports, console progress, MLflow.
+
+Rank 0 logs per-step metrics, samples and the loss curve to the trial's MLflow child run; every
+rank takes part in `ray.train.report` at evaluation points (a collective), rank 0 attaching a
+checkpoint at checkpoint points.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+from gptcore.train import Hooks, TrainContext, TrainResult, TrainState
+from orchestrator.tracking import STATUS_TAG, RunLogger
+
+STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "epoch")
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices get no MFU rather than a wrong one.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "T4": 65e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class RayReporter(Hooks):
+    """Reports evaluation metrics (and checkpoints from rank 0) to Ray Train / Tune."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.start_step = 0
+        self.last: dict[str, Any] = {}
+
+    def on_train_start(self, ctx: TrainContext, state: TrainState) -> None:
+        self.started, self.start_step = time.perf_counter(), state.step
+
+    def _progress(self, ctx: TrainContext, state: TrainState) -> dict[str, float]:
+        done = state.step - self.start_step
+        per_step = (time.perf_counter() - self.started) / max(done, 1)
+        return {
+            "step": state.step,
+            "epoch": round(ctx.epochs_done(state), 3),
+            "tokens_seen": state.tokens_seen,
+            "eta_s": round(per_step * max(ctx.total_steps - state.step, 0), 1),
+        }
+
+    def on_eval(self, ctx, state, metrics, sample, save) -> None:
+        self.last = {**metrics, **self._progress(ctx, state)}
+        checkpoint_dir = None
+        if save is not None and ctx.is_main:
+            checkpoint_dir = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
+            save(checkpoint_dir / "checkpoint")
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir / "checkpoint")) if checkpoint_dir else None
+        try:
+            ray.train.report(dict(self.last), checkpoint=checkpoint)
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def on_train_end(self, ctx, state, result: TrainResult) -> None:
+        final = {
+            **self.last,
+            **{k: v for k, v in result.metrics.items() if isinstance(v, float)},
+            **self._progress(ctx, state),
+            "status": result.status,
+            "wall_time_s": round(result.wall_time, 2),
+            "avg_tokens_per_sec": round(result.tokens_per_sec, 1),
+            "done": True,
+        }
+        ray.train.report({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
+
+
+class ConsoleProgress(Hooks):
+    """One line per evaluation on the driver's console: step, epoch, losses, speed and ETA."""
+
+    def __init__(self, trial: str):
+        self.trial = trial
+        self.started = time.perf_counter()
+        self.start_step = 0
+
+    def on_train_start(self, ctx, state) -> None:
+        self.started, self.start_step = time.perf_counter(), state.step
+        resumed = f", resumed from step {state.step}" if ctx.resumed_from else ""
+        print(
+            f"[{self.trial}] {ctx.total_steps} steps ({ctx.steps_per_epoch}/epoch), {ctx.train_windows} train / "
+            f"{ctx.val_windows} val windows, {ctx.world_size} worker(s) on {ctx.device}{resumed}",
+            flush=True,
+        )
+
+    def on_eval(self, ctx, state, metrics, sample, save) -> None:
+        done = state.step - self.start_step
+        eta = (time.perf_counter() - self.started) / max(done, 1) * max(ctx.total_steps - state.step, 0)
+        print(
+            f"[{self.trial}] step {state.step}/{ctx.total_steps} epoch {ctx.epochs_done(state):.2f} "
+            f"train {metrics['train_loss']:.3f} val {metrics['val_loss']:.3f} "
+            f"{metrics.get('tokens_per_sec', 0):.0f} tok/s ETA {eta:.0f}s" + (" [checkpoint]" if save else ""),
+            flush=True,
+        )
+
+    def on_train_end(self, ctx, state, result) -> None:
+        print(f"[{self.trial}] {result.status} after {state.step} steps in {result.wall_time:.0f}s", flush=True)
+
+
+class MlflowLogging(Hooks):
+    """Rank 0: per-step and evaluation metrics, samples, loss curve and outcome to the child run."""
+
+    def __init__(self, tracking_uri: str, run_id: str, ray_trial_id: str | None = None):
+        self.uri, self.run_id, self.ray_trial_id = tracking_uri, run_id, ray_trial_id
+        self.logger: RunLogger | None = None
+        self.flops_per_token: float | None = None
+        self.peak: float | None = None
+
+    def on_train_start(self, ctx: TrainContext, state: TrainState) -> None:
+        skip = RunLogger.last_logged_step(self.uri, self.run_id) if ctx.resumed_from else -1
+        self.logger = RunLogger(self.uri, self.run_id, skip_steps_upto=skip)
+        model = ctx.model
+        self.flops_per_token = model.flops_per_token(ctx.config.model.context_length)
+        self.peak = peak_flops(ctx.device)
+        tags = {
+            "host": socket.gethostname(),
+            "device": str(ctx.device) if ctx.device.type != "cuda" else torch.cuda.get_device_name(ctx.device),
+            "precision": str(ctx.dtype).replace("torch.", "") if ctx.dtype else "fp32",
+            "world_size": str(ctx.world_size),
+            "init_from": str(ctx.init_report.get("init_from", "scratch")),
+            STATUS_TAG: "running",
+        }
+        tags.update({f"init.{k}": str(v) for k, v in ctx.init_report.items() if k != "init_from"})
+        if ctx.resumed_from:
+            tags["resumed_from_step"] = str(state.step)
+        if self.ray_trial_id:
+            tags["ray_trial_id"] = self.ray_trial_id
+        self.logger.set_tags(tags)
+        self.logger.log_metrics(
+            {
+                "params_total": float(model.num_params()),
+                "params_trainable": float(model.num_params(trainable_only=True)),
+                "train_windows": float(ctx.train_windows),
+                "val_windows": float(ctx.val_windows),
+            },
+            step=0,
+        )
+
+    def on_step(self, ctx, state, metrics) -> None:
+        values = {k: metrics[k] for k in STEP_METRICS if k in metrics}
+        if self.peak and self.flops_per_token:
+            values["mfu"] = metrics["tokens_per_sec"] / ctx.world_size * self.flops_per_token / self.peak
+        self.logger.log_metrics(values, step=state.step)
+
+    def on_eval(self, ctx, state, metrics, sample, save) -> None:
+        keys = ("train_loss", "val_loss", "val_perplexity", "best_val_loss")
+        self.logger.log_metrics({k: metrics[k] for k in keys if k in metrics}, step=state.step)
+        if sample is not None:
+            self.logger.log_text(sample + "\n", f"samples/step_{state.step:06d}.txt")
+
+    def on_train_end(self, ctx, state, result: TrainResult) -> None:
+        self.logger.log_metrics(
+            {"wall_time_s": result.wall_time, "avg_tokens_per_sec": result.tokens_per_sec}, step=state.step
+        )
+        self.logger.set_tags({STATUS_TAG: result.status})
+        self.logger.flush()
+        try:
+            from orchestrator.report import log_trial_curve
+
+            log_trial_curve(self.uri, self.run_id)
+        except Exception as exc:  # a missing plot must not fail a finished trial
+            print(f"[mlflow] could not plot the loss curve: {exc}", flush=True)
+        self.logger.close()

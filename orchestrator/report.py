@@ -1,0 +1,234 @@
+"""Results of a sweep, read back from MLflow: a ranked table and loss plots.
+
+Everything here reads the tracking store (not console output), so it works on a finished,
+partial or resumed sweep, and from any machine that can reach the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from orchestrator.tracking import (  # noqa: E402
+    BEST_CHECKPOINT_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    client_for,
+)
+
+
+class ReportError(RuntimeError):
+    """Nothing to report; the message says why."""
+
+
+@dataclass
+class TrialResult:
+    name: str
+    run_id: str
+    status: str
+    params: dict[str, str]  # grid values
+    best_val_loss: float = math.nan
+    final_val_loss: float = math.nan
+    final_train_loss: float = math.nan
+    tokens_seen: float = math.nan
+    tokens_per_sec: float = math.nan
+    wall_time_s: float = math.nan
+    best_checkpoint: str = ""
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    points = {m.step: m.value for m in client.get_metric_history(run_id, key)}  # last value per step wins
+    return sorted(points.items())
+
+
+def trial_results(client: MlflowClient, parent_run_id: str) -> list[TrialResult]:
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10_000
+    )
+    results = []
+    for run in runs:
+        m, tags = run.data.metrics, run.data.tags
+        curves = {key: _history(client, run.info.run_id, key) for key in ("val_loss", "train_loss", "tokens_seen")}
+        val = [v for _, v in curves["val_loss"] if math.isfinite(v)]
+        results.append(
+            TrialResult(
+                name=tags.get(TRIAL_TAG, run.info.run_name),
+                run_id=run.info.run_id,
+                status=tags.get(STATUS_TAG, run.info.status.lower()),
+                params={k.removeprefix("grid."): v for k, v in run.data.params.items() if k.startswith("grid.")},
+                best_val_loss=min(val) if val else math.nan,
+                final_val_loss=m.get("val_loss", math.nan),
+                final_train_loss=m.get("train_loss", math.nan),
+                tokens_seen=m.get("tokens_seen", math.nan),
+                tokens_per_sec=m.get("avg_tokens_per_sec", m.get("tokens_per_sec", math.nan)),
+                wall_time_s=m.get("wall_time_s", math.nan),
+                best_checkpoint=tags.get(BEST_CHECKPOINT_TAG, ""),
+                curves=curves,
+            )
+        )
+    return sorted(results, key=lambda r: (math.isnan(r.best_val_loss), r.best_val_loss, r.name))
+
+
+# --------------------------------------------------------------------------- table
+
+
+COLUMNS = [
+    ("best val", "best_val_loss", "{:.3f}"),
+    ("final val", "final_val_loss", "{:.3f}"),
+    ("final train", "final_train_loss", "{:.3f}"),
+    ("tokens", "tokens_seen", "{:,.0f}"),
+    ("tok/s", "tokens_per_sec", "{:,.0f}"),
+    ("wall s", "wall_time_s", "{:.0f}"),
+]
+
+
+def table_rows(results: list[TrialResult]) -> tuple[list[str], list[list[str]]]:
+    axes = sorted({k for r in results for k in r.params})
+    header = ["rank", "trial", *axes, "status", *[c[0] for c in COLUMNS], "best checkpoint"]
+    rows = []
+    for rank, r in enumerate(results, 1):
+        values = [fmt.format(getattr(r, attr)) if math.isfinite(getattr(r, attr)) else "-" for _, attr, fmt in COLUMNS]
+        rows.append([str(rank), r.name, *[r.params.get(a, "") for a in axes], r.status, *values, r.best_checkpoint])
+    return header, rows
+
+
+def format_table(results: list[TrialResult]) -> str:
+    """A plain-text table, one row per trial, ranked by best validation loss."""
+    header, rows = table_rows(results)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(results: list[TrialResult]) -> str:
+    header, rows = table_rows(results)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def csv_table(results: list[TrialResult]) -> str:
+    header, rows = table_rows(results)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _tokens_at(result: TrialResult) -> dict[int, float]:
+    return dict(result.curves.get("tokens_seen", []))
+
+
+def plot_val_vs_tokens(results: list[TrialResult], path: Path, title: str) -> Path:
+    """Validation loss against tokens seen, every trial on one figure."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        tokens = _tokens_at(r)
+        points = [(tokens.get(step, math.nan), v) for step, v in r.curves.get("val_loss", [])]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=r.name)
+    ax.set(xlabel="tokens seen", ylabel="validation loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_train_vs_val(results: list[TrialResult], path: Path, title: str) -> Path:
+    """Train and validation loss per trial (one panel each), against tokens seen."""
+    n = max(len(results), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, results, strict=False):
+        tokens = _tokens_at(r)
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            points = [(tokens.get(step, math.nan), v) for step, v in r.curves.get(key, [])]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
+        ax.set(title=r.name, xlabel="tokens seen", ylabel="loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(results) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log_trial_curve(tracking_uri: str, run_id: str) -> None:
+    """The trial's train/val loss curve as ``loss_curve.png`` on its own run."""
+    client = client_for(tracking_uri)
+    run = client.get_run(run_id)
+    result = TrialResult(run.data.tags.get(TRIAL_TAG, run.info.run_name), run_id, "", {})
+    result.curves = {k: _history(client, run_id, k) for k in ("val_loss", "train_loss", "tokens_seen")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_train_vs_val([result], Path(tmp) / "loss_curve.png", result.name)
+        client.log_artifact(run_id, str(path))
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def find_parent_run(client: MlflowClient, experiment: str, sweep_id: str | None = None):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ReportError(f"no MLflow experiment named {experiment!r} in this tracking store; run the sweep first")
+    query = f"tags.`{ROLE_TAG}` = 'sweep'" + (f" and tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else "")
+    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        which = f"sweep {sweep_id!r}" if sweep_id else "any sweep"
+        raise ReportError(f"no parent run for {which} of experiment {experiment!r}; run the sweep first")
+    return runs[0]
+
+
+def write_report(
+    tracking_uri: str, experiment: str, sweep_id: str | None = None, out_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Build the table and plots of a sweep, save them (to ``out_dir`` if given) and log them to its parent run."""
+    client = client_for(tracking_uri)
+    parent = find_parent_run(client, experiment, sweep_id)
+    sweep = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
+    results = trial_results(client, parent.info.run_id)
+    if not results:
+        raise ReportError(f"sweep {sweep} has no trial runs yet")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {
+            "results.md": markdown_table(results),
+            "results.csv": csv_table(results),
+            "results.txt": format_table(results),
+        }
+        for name, text in files.items():
+            (folder / name).write_text(text + "\n")
+        plot_val_vs_tokens(results, folder / "val_loss_vs_tokens.png", f"{sweep}: validation loss")
+        plot_train_vs_val(results, folder / "train_vs_val.png", f"{sweep}: train vs validation loss")
+        for name in [*files, "val_loss_vs_tokens.png", "train_vs_val.png"]:
+            client.log_artifact(parent.info.run_id, str(folder / name), artifact_path="report")
+        best = results[0]
+        if math.isfinite(best.best_val_loss):
+            client.log_metric(parent.info.run_id, "best_val_loss", best.best_val_loss)
+            client.set_tag(parent.info.run_id, "best_trial", best.name)
+    return {"sweep": sweep, "parent_run_id": parent.info.run_id, "results": results, "table": format_table(results)}

@@ -1,0 +1,531 @@
+"""A sweep on Ray Tune: one Tune trial per grid point, each a Ray Train run of gptcore's loop.
+
+Layout in storage (a local folder or an ``s3://`` URI)::
+
+    <storage>/<sweep_id>/sweep.json                 the plan: trials, configs, settings (used by --resume)
+    <storage>/<sweep_id>/<trial>/...                Tune's trial files
+    <storage>/<sweep_id>/<trial>/train/checkpoint_*  Ray Train checkpoints (gptcore checkpoint folders)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from gptcore.data import CACHE_ENV, MIRROR_ENV, build_datasets, cache_dir
+from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.tracking import (
+    BEST_CHECKPOINT_TAG,
+    HTTP_ENV,
+    STATUS_TAG,
+    SweepTracker,
+    check_reachable,
+    default_artifact_root,
+    default_tracking_uri,
+    git_commit,
+)
+
+# Ray Train V2 polls workers for reports every 2 s by default, which throttles ray.train.report.
+CONTROLLER_POLL_S = "0.2"
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or continue; the message says how to fix it."""
+
+
+@dataclass
+class SweepOptions:
+    """Command-line settings of a sweep (see ``python -m orchestrator run --help``)."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    max_concurrent: int | None = None
+    resume: str | None = None  # None, "latest" or a sweep id
+    workers: int | None = None
+    use_gpu: bool | str | None = None
+    cpus_per_worker: float | None = None
+    experiment_file: str = ""
+    workdir: str = field(default_factory=lambda: str(Path.cwd()))
+
+
+@dataclass
+class SweepSettings:
+    """What every trial needs to know; JSON-able, saved in sweep.json."""
+
+    sweep_id: str
+    experiment: str
+    experiment_file: str
+    storage: str
+    tracking_uri: str
+    artifact_root: str | None
+    parent_run_id: str
+    workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    max_failures: int
+    checkpoints_to_keep: int
+    metric: str
+    mode: str
+    git_commit: str | None
+
+
+# --------------------------------------------------------------------------- storage helpers
+
+
+def absolute_storage(storage: str | None, workdir: str) -> str:
+    if not storage:
+        return str(Path(workdir, "ray_results").absolute())
+    if "://" in storage and not storage.startswith("file://"):
+        return storage
+    return str(Path(storage.removeprefix("file://")).expanduser().absolute())
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _join(uri: str, *parts: str) -> str:
+    if "://" not in uri:
+        return str(Path(uri, *parts))
+    base, sep, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + (sep + query if sep else "")
+
+
+def write_json(uri: str, payload: dict[str, Any]) -> None:
+    """Write JSON to a local path or object-store URI, atomically where the filesystem allows."""
+    fs, path = _filesystem(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as out:
+        out.write(json.dumps(payload, indent=2, default=str).encode())
+    fs.move(tmp, path)
+
+
+def read_json(uri: str) -> dict[str, Any] | None:
+    fs, path = _filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def find_sweep(storage: str, experiment: str, which: str) -> str:
+    """The sweep id to resume: ``which`` itself, or the newest sweep of ``experiment``."""
+    fs, root = _filesystem(storage)
+    if which != "latest":
+        if read_json(_join(storage, which, "sweep.json")) is None:
+            raise SweepError(f"no sweep {which!r} in {storage}; run without --resume to start one")
+        return which
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        infos = []
+    names = sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{experiment}-")
+    )
+    for name in reversed(names):
+        if read_json(_join(storage, name, "sweep.json")) is not None:
+            return name
+    raise SweepError(f"nothing to resume: no sweep of {experiment!r} in {storage}; run without --resume")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    experiment: Experiment
+    trials: list[Trial]
+    workers: int
+    use_gpu: bool | str
+    cpus_per_worker: float
+    max_concurrent: int | None
+
+
+def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
+    trials = expand_trials(experiment, options.overrides)
+    return Plan(
+        experiment=experiment,
+        trials=trials,
+        workers=options.workers or experiment.workers,
+        use_gpu=experiment.use_gpu if options.use_gpu is None else options.use_gpu,
+        cpus_per_worker=options.cpus_per_worker or experiment.cpus_per_worker or 1,
+        max_concurrent=options.max_concurrent or experiment.max_concurrent,
+    )
+
+
+def describe_plan(plan: Plan, options: SweepOptions) -> str:
+    """The dry-run text: every trial, its grid values and resources, and where results go."""
+    gpu = {True: "1 GPU", False: "no GPU", "auto": "GPU if the cluster has one"}[plan.use_gpu]
+    lines = [
+        f"experiment {plan.experiment.name}: {len(plan.trials)} trial(s), metric {plan.experiment.metric} "
+        f"({plan.experiment.mode})",
+        f"resources per trial: {plan.workers} worker(s) x ({plan.cpus_per_worker:g} CPU, {gpu})"
+        + (f", at most {plan.max_concurrent} concurrent" if plan.max_concurrent else ""),
+        f"storage: {absolute_storage(options.storage, options.workdir)}",
+        f"tracking: {options.tracking_uri or default_tracking_uri(options.workdir)}",
+        f"ray: {options.address or 'a local Ray started for this run'}",
+    ]
+    if plan.experiment.scheduler:
+        lines.append(f"scheduler: {plan.experiment.scheduler}")
+    keys = list(plan.experiment.grid)
+    header = ["trial", *keys, "model", "steps"]
+    rows = []
+    for trial in plan.trials:
+        job = trial.job
+        steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
+        model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
+        rows.append([trial.name, *[str(trial.params[k]) for k in keys], model, steps])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def check_data(trials: list[Trial]) -> None:
+    """Tokenize each corpus once (warming the cache) and check every split is long enough."""
+    seen = set()
+    for trial in trials:
+        job = trial.job
+        key = (json.dumps(job.data.corpus), job.data.val_fraction, job.data.split, job.model.context_length, job.stride)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            build_datasets(job)
+        except ValueError as exc:
+            raise ExperimentError(f"trial {trial.name}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _check_address(address: str) -> None:
+    if address in ("auto", "local"):
+        return
+    parsed = urllib.parse.urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise SweepError(f"--address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=5):
+            pass
+    except OSError as exc:
+        raise SweepError(
+            f"Ray cluster at {address} is unreachable ({exc}); check the address (ray status on the head node), "
+            "or leave --address out to start a local Ray"
+        ) from None
+
+
+def worker_env() -> dict[str, str]:
+    env = {CACHE_ENV: str(cache_dir()), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S, **HTTP_ENV}
+    if os.environ.get(MIRROR_ENV):
+        env[MIRROR_ENV] = str(Path(os.environ[MIRROR_ENV]).absolute())
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        _check_address(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except ConnectionError as exc:
+            raise SweepError(f"cannot join the Ray cluster at {address}: {exc}") from None
+    else:
+        ray.init(runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def resolve_gpu(use_gpu: bool | str, wait_for_resources: bool = False) -> bool:
+    """'auto' becomes True when the cluster has a GPU; True on a GPU-less cluster is an error (no hang)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if use_gpu == "auto":
+        return gpus >= 1
+    if use_gpu and gpus < 1 and not wait_for_resources:
+        raise SweepError(
+            "use_gpu is set but the Ray cluster has no GPU; run without --use-gpu (CPU training), join a GPU "
+            "cluster with --address, or pass --wait-for-resources if GPU nodes autoscale from zero"
+        )
+    return bool(use_gpu)
+
+
+# --------------------------------------------------------------------------- the Tune trial
+
+
+def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
+    """One Tune trial: build a TorchTrainer for the trial's config and run it to the end."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.worker import train_loop_per_worker
+
+    s = SweepSettings(**settings)
+    name = config["trial"]
+    spec = specs[name]
+    tracker = SweepTracker(s.tracking_uri, s.experiment, artifact_root=s.artifact_root)
+    params = {**spec["flat"], **{f"grid.{k}": v for k, v in spec["params"].items()}}
+    tags = {
+        "seed": str(spec["flat"]["train.seed"]),
+        "experiment_file": s.experiment_file,
+        "ray_trial_id": ray.tune.get_context().get_trial_id(),
+        "model.preset": str(spec["config"]["model"].get("preset", "")),
+    }
+    if s.git_commit:
+        tags["git_commit"] = s.git_commit
+    run_id = tracker.child_run(s.parent_run_id, s.sweep_id, name, params=params, tags=tags)
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": spec["config"],
+            "trial": name,
+            "run_id": run_id,
+            "tracking_uri": s.tracking_uri,
+            "cpus_per_worker": s.cpus_per_worker,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=_join(s.storage, s.sweep_id, name),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=s.checkpoints_to_keep, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+            callbacks=[TuneReportCallback()],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        tracker.finish(run_id, "failed", {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        raise
+    status = (result.metrics or {}).get("status", "failed")
+    best = min(
+        result.best_checkpoints or [],
+        key=lambda cm: cm[1].get(s.metric, float("inf")) * (1 if s.mode == "min" else -1),
+        default=None,
+    )
+    tracker.finish(run_id, status, {BEST_CHECKPOINT_TAG: best[0].path} if best else None)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    parent_run_id: str
+    tracking_uri: str
+    storage: str
+    experiment: str
+    statuses: dict[str, str]  # trial -> finished | diverged | failed | stopped | pending
+    interrupted: bool
+
+
+def _trial_specs(trials: list[Trial]) -> dict[str, dict[str, Any]]:
+    return {t.name: {"params": t.params, "config": t.config, "flat": t.job.flat()} for t in trials}
+
+
+def run_sweep(
+    experiment: Experiment, options: SweepOptions, *, wait_for_resources: bool = False
+) -> SweepOutcome:
+    """Run (or resume) a sweep to the end and record it in MLflow; returns each trial's status."""
+    import ray
+    import ray.tune
+
+    storage = absolute_storage(options.storage, options.workdir)
+    tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
+    artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
+    check_reachable(tracking_uri)
+
+    if options.resume:
+        sweep_id = find_sweep(storage, experiment.name, options.resume)
+        saved = read_json(_join(storage, sweep_id, "sweep.json"))
+        specs = saved["trials"]
+        settings = SweepSettings(**saved["settings"])
+        print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
+    else:
+        plan = make_plan(experiment, options)
+        check_data(plan.trials)
+        sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        specs = _trial_specs(plan.trials)
+
+    tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
+    commit = git_commit(options.workdir)
+    connect_ray(options.address)
+    try:
+        if not options.resume:
+            use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+            parent = tracker.parent_run(
+                sweep_id,
+                params={
+                    "experiment": experiment.name,
+                    "trials": len(specs),
+                    **{f"grid.{k}": json.dumps(v) for k, v in experiment.grid.items()},
+                    **{f"set.{k}": v for k, v in options.overrides.items()},
+                },
+                tags={
+                    "experiment_file": options.experiment_file,
+                    "storage": storage,
+                    **({"git_commit": commit} if commit else {}),
+                },
+            )
+            settings = SweepSettings(
+                sweep_id=sweep_id,
+                experiment=experiment.name,
+                experiment_file=options.experiment_file,
+                storage=storage,
+                tracking_uri=tracking_uri,
+                artifact_root=artifact_root,
+                parent_run_id=parent,
+                workers=plan.workers,
+                use_gpu=use_gpu,
+                cpus_per_worker=plan.cpus_per_worker,
+                max_failures=experiment.max_failures,
+                checkpoints_to_keep=experiment.checkpoints_to_keep,
+                metric=experiment.metric,
+                mode=experiment.mode,
+                git_commit=commit,
+            )
+            write_json(_join(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
+        else:
+            resolve_gpu(settings.use_gpu, wait_for_resources)
+            tracker.client.update_run(settings.parent_run_id, status="RUNNING")
+        print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {tracking_uri}", flush=True)
+
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
+            {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
+        )
+        sweep_dir = _join(storage, sweep_id)
+        if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
+            tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = _new_tuner(trainable, list(specs), experiment, options, settings, storage, sweep_id)
+        grid = tuner.fit()
+        statuses = _reconcile(tracker, settings, grid, list(specs))
+    finally:
+        ray.shutdown()
+    interrupted = any(s == "pending" for s in statuses.values())
+    summary = "interrupted" if interrupted else ("finished" if all(
+        s in ("finished", "diverged", "stopped") for s in statuses.values()) else "failed")
+    tracker.finish(settings.parent_run_id, summary)
+    return SweepOutcome(sweep_id, settings.parent_run_id, tracking_uri, storage, experiment.name, statuses, interrupted)
+
+
+def _new_tuner(trainable, names, experiment, options, settings, storage, sweep_id):
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if experiment.scheduler:
+        a = experiment.scheduler
+        scheduler = ASHAScheduler(
+            time_attr=a.time_attr, max_t=a.max_t, grace_period=a.grace_period, reduction_factor=a.reduction_factor
+        )
+    return ray.tune.Tuner(
+        trainable,
+        param_space={"trial": ray.tune.grid_search(names)},
+        tune_config=ray.tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            scheduler=scheduler,
+            max_concurrent_trials=options.max_concurrent or experiment.max_concurrent,
+            trial_name_creator=lambda t: t.config["trial"],
+            trial_dirname_creator=lambda t: t.config["trial"],
+        ),
+        run_config=ray.tune.RunConfig(
+            name=sweep_id,
+            storage_path=storage,
+            failure_config=ray.tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
+
+
+def _trial_states(grid) -> dict[str, tuple[str, dict[str, Any], Any]]:
+    """Tune's view of each trial: (status, last metrics, result)."""
+    states = {}
+    analysis = getattr(grid, "_experiment_analysis", None)
+    tune_status = {t.config.get("trial"): t.status for t in getattr(analysis, "trials", [])}
+    for result in grid:
+        name = (result.config or {}).get("trial")
+        if name:
+            states[name] = (tune_status.get(name, "PENDING"), result.metrics or {}, result)
+    return states
+
+
+def _reconcile(tracker: SweepTracker, settings: SweepSettings, grid, names: list[str]) -> dict[str, str]:
+    """Give every trial's MLflow run a final status and best checkpoint, from Tune's results.
+
+    finished / diverged: the trial reported its end; stopped: ended early by the scheduler;
+    failed: errored; pending: not finished (interrupted sweep) and resumable.
+    """
+    states = _trial_states(grid)
+    runs = {r.data.tags.get("orchestrator.trial"): r for r in tracker.child_runs(settings.parent_run_id)}
+    statuses = {}
+    for name in names:
+        tune_status, metrics, result = states.get(name, ("PENDING", {}, None))
+        if metrics.get("done"):
+            status = str(metrics.get("status", "finished"))
+        elif tune_status == "ERROR":
+            status = "failed"
+        elif tune_status == "TERMINATED":
+            status = "stopped"
+        else:
+            status = "pending"
+        statuses[name] = status
+        run = runs.get(name)
+        if run is None:
+            continue
+        best = _best_checkpoint(result, settings) if result is not None else None
+        tags = {BEST_CHECKPOINT_TAG: best} if best and not run.data.tags.get(BEST_CHECKPOINT_TAG) else {}
+        if status == "pending":
+            for key, value in {**tags, STATUS_TAG: "interrupted"}.items():
+                tracker.client.set_tag(run.info.run_id, key, value)
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+        elif run.data.tags.get(STATUS_TAG) in (None, "running") or tags:
+            tracker.finish(run.info.run_id, status, tags)
+    return statuses
+
+
+def _best_checkpoint(result, settings: SweepSettings) -> str | None:
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df or settings.metric not in df:
+        return None
+    rows = df[df["checkpoint_path"].notna()]
+    if rows.empty:
+        return None
+    best = rows[settings.metric].idxmin() if settings.mode == "min" else rows[settings.metric].idxmax()
+    return str(rows.loc[best, "checkpoint_path"])
+
+
+def exit_code(outcome: SweepOutcome) -> int:
+    if outcome.interrupted:
+        return 130
+    return 0 if all(s in ("finished", "diverged", "stopped") for s in outcome.statuses.values()) else 1
+

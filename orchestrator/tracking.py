@@ -1,0 +1,311 @@
+"""MLflow: one parent run per sweep, one child run per trial, metrics shipped without stalling training.
+
+Defaults need no server: a SQLite store and an artifact folder under the working directory,
+both as absolute URIs because Ray workers run in other directories. Any tracking server URI
+works the same way. Metrics, samples and tags from a worker go through a `RunLogger`, a
+background thread that batches them and keeps retrying while the store is unreachable, so an
+outage delays metrics (and is reported) instead of losing them or blocking training.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+ROLE_TAG = "orchestrator.role"  # "sweep" | "trial"
+SWEEP_TAG = "orchestrator.sweep_id"
+TRIAL_TAG = "orchestrator.trial"
+STATUS_TAG = "orchestrator.status"  # running | finished | diverged | failed | stopped
+BEST_CHECKPOINT_TAG = "best_checkpoint"
+# Fail fast on an unreachable server; the RunLogger retries on its own schedule.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says how to fix it."""
+
+
+def default_tracking_uri(workdir: str | Path = ".") -> str:
+    return f"sqlite:///{Path(workdir).absolute() / 'mlruns.db'}"
+
+
+def default_artifact_root(workdir: str | Path = ".") -> str:
+    return (Path(workdir).absolute() / "mlartifacts").as_uri()
+
+
+def absolute_uri(uri: str) -> str:
+    """Make a relative SQLite or file URI absolute (workers do not share the driver's cwd)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).absolute()}"
+    if "://" not in uri:
+        return Path(uri).absolute().as_uri()
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any trial starts if an HTTP tracking server does not answer."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it (e.g. mlflow server --host 127.0.0.1 "
+            f"--port {port}), fix --tracking-uri, or leave it out to use the local SQLite store"
+        ) from None
+
+
+def git_commit(path: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def client_for(uri: str) -> MlflowClient:
+    for key, value in HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+# --------------------------------------------------------------------------- sweep and trial runs
+
+
+class SweepTracker:
+    """Creates (or, on resume, finds) the sweep's parent run and its trials' child runs."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, *, artifact_root: str | None = None):
+        self.uri = tracking_uri
+        self.client = client_for(tracking_uri)
+        self.experiment_id = self._experiment_id(experiment_name, artifact_root)
+
+    def _experiment_id(self, name: str, artifact_root: str | None) -> str:
+        try:
+            existing = self.client.get_experiment_by_name(name)
+            if existing is not None:
+                if existing.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(existing.experiment_id)
+                return existing.experiment_id
+            location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {exc}") from None
+
+    def _find(self, filter_string: str) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY, max_results=1
+        )
+        return runs[0].info.run_id if runs else None
+
+    def parent_run(self, sweep_id: str, *, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The sweep's parent run, created once and reused on resume."""
+        found = self._find(f"tags.`{SWEEP_TAG}` = '{_quote(sweep_id)}' and tags.`{ROLE_TAG}` = 'sweep'")
+        if found:
+            self.client.update_run(found, status="RUNNING")
+            return found
+        run = self.client.create_run(
+            self.experiment_id, run_name=sweep_id, tags={ROLE_TAG: "sweep", SWEEP_TAG: sweep_id, **tags}
+        )
+        self.client.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def child_run(self, parent_id: str, sweep_id: str, trial: str, *, params: dict[str, Any], tags: dict[str, str]):
+        """The trial's child run (reused when the trial resumes); returns its id."""
+        found = self._find(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{_quote(trial)}'"
+        )
+        if found:
+            self.client.update_run(found, status="RUNNING")
+            self.client.set_tag(found, STATUS_TAG, "running")
+            return found
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=trial,
+            tags={
+                "mlflow.parentRunId": parent_id,
+                ROLE_TAG: "trial",
+                SWEEP_TAG: sweep_id,
+                TRIAL_TAG: trial,
+                STATUS_TAG: "running",
+                **tags,
+            },
+        )
+        items = [Param(k, _param(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        return run.info.run_id
+
+    def child_runs(self, parent_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=10_000
+        )
+
+    def finish(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+        """Record a trial's or sweep's outcome: finished, diverged, failed or stopped."""
+        for key, value in (tags or {}).items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_tag(run_id, STATUS_TAG, status)
+        mlflow_status = {"finished": "FINISHED", "diverged": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(mlflow_status)))
+
+
+def _param(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+# --------------------------------------------------------------------------- worker-side logging
+
+
+class RunLogger:
+    """Ships metrics, tags and text artifacts of one run from a background thread.
+
+    Items are kept in order and retried until the store accepts them. While the store is
+    unreachable, training goes on and a warning names the outage; when it comes back, the
+    buffered items are delivered and the run gets a ``tracking_gap`` tag describing the gap.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, flush_every: float = 2.0, skip_steps_upto: int = -1):
+        self.client = client_for(tracking_uri)
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.skip_steps_upto = skip_steps_upto  # steps already logged by an earlier attempt (resume)
+        self._pending: deque[tuple[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._outage_since: float | None = None
+        self._outage_items = 0
+        self.gaps: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def last_logged_step(cls, tracking_uri: str, run_id: str, key: str = "loss") -> int:
+        """Highest step of ``key`` already in the run (-1 if none)."""
+        history = client_for(tracking_uri).get_metric_history(run_id, key)
+        return max((m.step for m in history), default=-1)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.skip_steps_upto:
+            return
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        with self._lock:
+            self._pending.append(("metrics", items))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        with self._lock:
+            self._pending.append(("text", (text, artifact_file)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._pending.append(("tags", [RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued is delivered (or ``timeout``); True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._pending:
+                    return True
+            self._wake.set()
+            time.sleep(0.05)
+        return False
+
+    def close(self, timeout: float = 30.0) -> None:
+        delivered = self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        if not delivered:
+            with self._lock:
+                left = len(self._pending)
+            print(
+                f"[mlflow] WARNING: {left} logging batches for run {self.run_id} could not be delivered "
+                f"(tracking store unreachable); they are lost",
+                flush=True,
+            )
+
+    # -- background thread
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.flush_every)
+            self._wake.clear()
+            self._ship()
+
+    def _ship(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                kind, payload = self._pending[0]
+                if kind == "metrics":  # merge consecutive metric batches, up to MLflow's 1000 per call
+                    batch = list(payload)
+                    n = 1
+                    while n < len(self._pending) and self._pending[n][0] == "metrics" and len(batch) < 900:
+                        batch += self._pending[n][1]
+                        n += 1
+                    payload = batch
+                else:
+                    n = 1
+            try:
+                if kind == "metrics":
+                    self.client.log_batch(self.run_id, metrics=payload)
+                elif kind == "tags":
+                    self.client.log_batch(self.run_id, tags=payload)
+                else:
+                    self.client.log_text(self.run_id, *payload)
+            except Exception as exc:  # network errors, 5xx, locked database: keep and retry later
+                if self._outage_since is None:
+                    self._outage_since = time.time()
+                    print(
+                        f"[mlflow] WARNING: tracking store unreachable ({type(exc).__name__}: {str(exc)[:120]}); "
+                        "training continues, metrics are buffered and retried",
+                        flush=True,
+                    )
+                return
+            with self._lock:
+                for _ in range(n):
+                    self._pending.popleft()
+            if self._outage_since is not None:
+                self._outage_items += n
+                if not self._pending:
+                    self._report_gap()
+
+    def _report_gap(self) -> None:
+        seconds = time.time() - (self._outage_since or time.time())
+        gap = (
+            f"tracking store unreachable for {seconds:.0f}s from "
+            f"{time.strftime('%H:%M:%S', time.localtime(self._outage_since))}; "
+            f"{self._outage_items} buffered batches delivered late, none lost"
+        )
+        self.gaps.append(gap)
+        print(f"[mlflow] {gap}", flush=True)
+        self._outage_since, self._outage_items = None, 0
+        try:
+            self.client.set_tag(self.run_id, "tracking_gap", "; ".join(self.gaps))
+        except Exception:
+            pass

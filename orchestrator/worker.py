@@ -1,0 +1,52 @@
+"""The Ray Train per-worker entry point.
+
+Kept free of heavy imports at module level: Ray's controller actor unpickles this function by
+reference, and should not pay for importing MLflow and gptcore. After a worker failure Ray
+restarts the group and `ray.train.get_checkpoint()` resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Run gptcore's `train` on this worker (see `orchestrator.trial.run_trial`)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from gptcore.config import JobConfig
+    from gptcore.train import HookList, Hooks, train
+    from orchestrator.hooks import ConsoleProgress, MlflowLogging, RayReporter
+
+    job = JobConfig.from_dict(loop_config["job"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+    hooks: list[Hooks] = [RayReporter()]
+    if rank == 0:
+        hooks.append(ConsoleProgress(loop_config["trial"]))
+        if loop_config.get("run_id"):
+            hooks.append(
+                MlflowLogging(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("ray_trial_id"))
+            )
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=device)
+
+    with ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        train(
+            job,
+            HookList(*hooks),
+            resume_from=resume_from,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            wrap_model=wrap if world_size > 1 else None,
+        )
