@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from gptcore.checkpoint import CheckpointError
     from gptcore.config import ConfigError
@@ -88,14 +89,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sample
 
 
-def _local_checkpoint(uri: str, stack: tempfile.TemporaryDirectory) -> Path:
+def _local_checkpoint(uri: str, scratch: Path) -> Path:
     """A local folder for a checkpoint path or object-store URI (downloaded to a temp folder)."""
     if "://" not in uri or uri.startswith("file://"):
         return Path(uri.removeprefix("file://")).expanduser()
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(uri)
-    local = Path(stack.name) / "checkpoint"
+    local = scratch / "checkpoint"
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
 
@@ -109,8 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        holder = tempfile.TemporaryDirectory(dir=tmp)
-        model, ckpt = load_model(_local_checkpoint(args.checkpoint, holder), device=device)
+        model, _ = load_model(_local_checkpoint(args.checkpoint, Path(tmp)), device=device)
     dtype = resolve_precision(args.precision, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with autocast(device, dtype):
@@ -166,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI; default: SQLite file ./mlruns.db")
     run.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     run.add_argument(
-        "--resume", nargs="?", const="latest", metavar="SWEEP_ID", help="continue an interrupted sweep (default: latest)"
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="SWEEP_ID",
+        help="continue an interrupted sweep (default: latest)",
     )
     run.add_argument("--workers", type=int, help="Ray Train workers per trial (overrides the experiment)")
     run.add_argument("--use-gpu", choices=["auto", "yes", "no"], help="train on GPUs (default: the experiment's)")

@@ -87,7 +87,7 @@ class Experiment:
             )
         if not isinstance(self.grid, dict) or not self.grid:
             raise ExperimentError(
-                f"experiment {self.name!r} has no grid; add grid={{\"data.stride\": grid(256, 128)}} "
+                f'experiment {self.name!r} has no grid; add grid={{"data.stride": grid(256, 128)}} '
                 "(a single run is a grid with one value)"
             )
         known = set(valid_keys())
@@ -189,9 +189,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not eq or not key:
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
         if key not in valid_keys():
-            raise ExperimentError(
-                f"--set {key}: unknown config key; valid keys: {', '.join(valid_keys())}"
-            )
+            raise ExperimentError(f"--set {key}: unknown config key; valid keys: {', '.join(valid_keys())}")
         out[key] = _coerce(key, parse_value(text))
     return out
 

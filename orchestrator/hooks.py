@@ -85,7 +85,7 @@ class RayReporter(Hooks):
             "status": result.status,
             "wall_time_s": round(result.wall_time, 2),
             "avg_tokens_per_sec": round(result.tokens_per_sec, 1),
-            "done": True,
+            "final": True,
         }
         ray.train.report({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
 

@@ -17,10 +17,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
+import matplotlib.pyplot as plt
+from mlflow import MlflowClient
 
-from orchestrator.tracking import (  # noqa: E402
+from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
     ROLE_TAG,
     STATUS_TAG,

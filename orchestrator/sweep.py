@@ -32,6 +32,7 @@ from orchestrator.tracking import (
     default_tracking_uri,
     git_commit,
 )
+from orchestrator.trial import join_uri, run_trial
 
 # Ray Train V2 polls workers for reports every 2 s by default, which throttles ray.train.report.
 CONTROLLER_POLL_S = "0.2"
@@ -97,10 +98,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _join(uri: str, *parts: str) -> str:
-    if "://" not in uri:
-        return str(Path(uri, *parts))
-    base, sep, query = uri.partition("?")
-    return "/".join([base.rstrip("/"), *parts]) + (sep + query if sep else "")
+    return str(Path(uri, *parts)) if "://" not in uri else join_uri(uri, *parts)
 
 
 def write_json(uri: str, payload: dict[str, Any]) -> None:
@@ -229,8 +227,16 @@ def _check_address(address: str) -> None:
         ) from None
 
 
-def worker_env() -> dict[str, str]:
-    env = {CACHE_ENV: str(cache_dir()), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S, **HTTP_ENV}
+def worker_env(local: bool) -> dict[str, str]:
+    """Environment of every Ray process of the sweep."""
+    env = {
+        CACHE_ENV: str(cache_dir()),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # worker prints reach the console once, not twice
+        **HTTP_ENV,
+    }
+    if local:  # one machine: no spot preemption to watch, no Prometheus to feed; two fewer actors per trial
+        env.update({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"})
     if os.environ.get(MIRROR_ENV):
         env[MIRROR_ENV] = str(Path(os.environ[MIRROR_ENV]).absolute())
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
@@ -242,7 +248,7 @@ def worker_env() -> dict[str, str]:
 def connect_ray(address: str | None) -> None:
     import ray
 
-    runtime_env = {"env_vars": worker_env()}
+    runtime_env = {"env_vars": worker_env(local=address is None)}
     if address:
         _check_address(address)
         try:
@@ -268,70 +274,6 @@ def resolve_gpu(use_gpu: bool | str, wait_for_resources: bool = False) -> bool:
     return bool(use_gpu)
 
 
-# --------------------------------------------------------------------------- the Tune trial
-
-
-def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
-    """One Tune trial: build a TorchTrainer for the trial's config and run it to the end."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.worker import train_loop_per_worker
-
-    s = SweepSettings(**settings)
-    name = config["trial"]
-    spec = specs[name]
-    tracker = SweepTracker(s.tracking_uri, s.experiment, artifact_root=s.artifact_root)
-    params = {**spec["flat"], **{f"grid.{k}": v for k, v in spec["params"].items()}}
-    tags = {
-        "seed": str(spec["flat"]["train.seed"]),
-        "experiment_file": s.experiment_file,
-        "ray_trial_id": ray.tune.get_context().get_trial_id(),
-        "model.preset": str(spec["config"]["model"].get("preset", "")),
-    }
-    if s.git_commit:
-        tags["git_commit"] = s.git_commit
-    run_id = tracker.child_run(s.parent_run_id, s.sweep_id, name, params=params, tags=tags)
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "job": spec["config"],
-            "trial": name,
-            "run_id": run_id,
-            "tracking_uri": s.tracking_uri,
-            "cpus_per_worker": s.cpus_per_worker,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.workers, use_gpu=s.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=_join(s.storage, s.sweep_id, name),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=s.checkpoints_to_keep, checkpoint_score_attribute=s.metric, checkpoint_score_order=s.mode
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            callbacks=[TuneReportCallback()],
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:
-        tracker.finish(run_id, "failed", {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        raise
-    status = (result.metrics or {}).get("status", "failed")
-    best = min(
-        result.best_checkpoints or [],
-        key=lambda cm: cm[1].get(s.metric, float("inf")) * (1 if s.mode == "min" else -1),
-        default=None,
-    )
-    tracker.finish(run_id, status, {BEST_CHECKPOINT_TAG: best[0].path} if best else None)
-
-
 # --------------------------------------------------------------------------- the sweep
 
 
@@ -346,77 +288,41 @@ class SweepOutcome:
     interrupted: bool
 
 
-def _trial_specs(trials: list[Trial]) -> dict[str, dict[str, Any]]:
-    return {t.name: {"params": t.params, "config": t.config, "flat": t.job.flat()} for t in trials}
-
-
-def run_sweep(
-    experiment: Experiment, options: SweepOptions, *, wait_for_resources: bool = False
-) -> SweepOutcome:
+def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resources: bool = False) -> SweepOutcome:
     """Run (or resume) a sweep to the end and record it in MLflow; returns each trial's status."""
     import ray
     import ray.tune
 
     storage = absolute_storage(options.storage, options.workdir)
-    tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
-    artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
-    check_reachable(tracking_uri)
-
     if options.resume:
         sweep_id = find_sweep(storage, experiment.name, options.resume)
         saved = read_json(_join(storage, sweep_id, "sweep.json"))
-        specs = saved["trials"]
-        settings = SweepSettings(**saved["settings"])
+        specs, settings = saved["trials"], SweepSettings(**saved["settings"])
+        check_reachable(settings.tracking_uri)
+        tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
         print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
+        connect_ray(options.address)
     else:
         plan = make_plan(experiment, options)
+        tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
+        check_reachable(tracking_uri)
         check_data(plan.trials)
         sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        specs = _trial_specs(plan.trials)
-
-    tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
-    commit = git_commit(options.workdir)
-    connect_ray(options.address)
-    try:
-        if not options.resume:
-            use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
-            parent = tracker.parent_run(
-                sweep_id,
-                params={
-                    "experiment": experiment.name,
-                    "trials": len(specs),
-                    **{f"grid.{k}": json.dumps(v) for k, v in experiment.grid.items()},
-                    **{f"set.{k}": v for k, v in options.overrides.items()},
-                },
-                tags={
-                    "experiment_file": options.experiment_file,
-                    "storage": storage,
-                    **({"git_commit": commit} if commit else {}),
-                },
-            )
-            settings = SweepSettings(
-                sweep_id=sweep_id,
-                experiment=experiment.name,
-                experiment_file=options.experiment_file,
-                storage=storage,
-                tracking_uri=tracking_uri,
-                artifact_root=artifact_root,
-                parent_run_id=parent,
-                workers=plan.workers,
-                use_gpu=use_gpu,
-                cpus_per_worker=plan.cpus_per_worker,
-                max_failures=experiment.max_failures,
-                checkpoints_to_keep=experiment.checkpoints_to_keep,
-                metric=experiment.metric,
-                mode=experiment.mode,
-                git_commit=commit,
-            )
+        artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
+        tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
+        connect_ray(options.address)
+        try:
+            settings = _start(tracker, experiment, options, plan, sweep_id, storage, wait_for_resources)
+            specs = _create_trial_runs(tracker, settings, plan.trials)
             write_json(_join(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
-        else:
+        except BaseException:
+            ray.shutdown()
+            raise
+    try:
+        if options.resume:
             resolve_gpu(settings.use_gpu, wait_for_resources)
             tracker.client.update_run(settings.parent_run_id, status="RUNNING")
-        print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {tracking_uri}", flush=True)
-
+        print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
             {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
@@ -425,19 +331,74 @@ def run_sweep(
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
             tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(trainable, list(specs), experiment, options, settings, storage, sweep_id)
+            tuner = _new_tuner(trainable, list(specs), experiment, options, settings)
         grid = tuner.fit()
         statuses = _reconcile(tracker, settings, grid, list(specs))
     finally:
         ray.shutdown()
     interrupted = any(s == "pending" for s in statuses.values())
-    summary = "interrupted" if interrupted else ("finished" if all(
-        s in ("finished", "diverged", "stopped") for s in statuses.values()) else "failed")
-    tracker.finish(settings.parent_run_id, summary)
-    return SweepOutcome(sweep_id, settings.parent_run_id, tracking_uri, storage, experiment.name, statuses, interrupted)
+    ok = all(s in ("finished", "diverged", "stopped") for s in statuses.values())
+    tracker.finish(settings.parent_run_id, "interrupted" if interrupted else ("finished" if ok else "failed"))
+    return SweepOutcome(
+        sweep_id, settings.parent_run_id, settings.tracking_uri, storage, experiment.name, statuses, interrupted
+    )
 
 
-def _new_tuner(trainable, names, experiment, options, settings, storage, sweep_id):
+def _start(tracker, experiment, options, plan, sweep_id, storage, wait_for_resources) -> SweepSettings:
+    """Resolve resources and create the sweep's parent run."""
+    use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+    commit = git_commit(options.workdir)
+    parent = tracker.parent_run(
+        sweep_id,
+        params={
+            "experiment": experiment.name,
+            "trials": len(plan.trials),
+            **{f"grid.{k}": json.dumps(v) for k, v in experiment.grid.items()},
+            **{f"set.{k}": v for k, v in options.overrides.items()},
+        },
+        tags={
+            "experiment_file": options.experiment_file,
+            "storage": storage,
+            **({"git_commit": commit} if commit else {}),
+        },
+    )
+    return SweepSettings(
+        sweep_id=sweep_id,
+        experiment=experiment.name,
+        experiment_file=options.experiment_file,
+        storage=storage,
+        tracking_uri=tracker.uri,
+        artifact_root=tracker.artifact_root,
+        parent_run_id=parent,
+        workers=plan.workers,
+        use_gpu=use_gpu,
+        cpus_per_worker=plan.cpus_per_worker,
+        max_failures=experiment.max_failures,
+        checkpoints_to_keep=experiment.checkpoints_to_keep,
+        metric=experiment.metric,
+        mode=experiment.mode,
+        git_commit=commit,
+    )
+
+
+def _create_trial_runs(tracker: SweepTracker, settings: SweepSettings, trials: list[Trial]) -> dict[str, dict]:
+    """One MLflow child run per trial (status pending), created up front; returns the trial specs."""
+    specs = {}
+    for trial in trials:
+        flat = trial.job.flat()
+        tags = {
+            "seed": str(trial.job.train.seed),
+            "experiment_file": settings.experiment_file,
+            "model.preset": str(trial.config["model"].get("preset", "")),
+            **({"git_commit": settings.git_commit} if settings.git_commit else {}),
+        }
+        params = {**flat, **{f"grid.{k}": v for k, v in trial.params.items()}}
+        run_id = tracker.child_run(settings.parent_run_id, settings.sweep_id, trial.name, params=params, tags=tags)
+        specs[trial.name] = {"params": trial.params, "config": trial.config, "run_id": run_id}
+    return specs
+
+
+def _new_tuner(trainable, names, experiment, options, settings):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -459,8 +420,8 @@ def _new_tuner(trainable, names, experiment, options, settings, storage, sweep_i
             trial_dirname_creator=lambda t: t.config["trial"],
         ),
         run_config=ray.tune.RunConfig(
-            name=sweep_id,
-            storage_path=storage,
+            name=settings.sweep_id,
+            storage_path=settings.storage,
             failure_config=ray.tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
@@ -490,7 +451,7 @@ def _reconcile(tracker: SweepTracker, settings: SweepSettings, grid, names: list
     statuses = {}
     for name in names:
         tune_status, metrics, result = states.get(name, ("PENDING", {}, None))
-        if metrics.get("done"):
+        if metrics.get("final"):
             status = str(metrics.get("status", "finished"))
         elif tune_status == "ERROR":
             status = "failed"
@@ -528,4 +489,3 @@ def exit_code(outcome: SweepOutcome) -> int:
     if outcome.interrupted:
         return 130
     return 0 if all(s in ("finished", "diverged", "stopped") for s in outcome.statuses.values()) else 1
-

@@ -9,6 +9,7 @@ outage delays metrics (and is reported) instead of losing them or blocking train
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -97,6 +98,7 @@ class SweepTracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str, *, artifact_root: str | None = None):
         self.uri = tracking_uri
+        self.artifact_root = artifact_root
         self.client = client_for(tracking_uri)
         self.experiment_id = self._experiment_id(experiment_name, artifact_root)
 
@@ -131,13 +133,9 @@ class SweepTracker:
         return run.info.run_id
 
     def child_run(self, parent_id: str, sweep_id: str, trial: str, *, params: dict[str, Any], tags: dict[str, str]):
-        """The trial's child run (reused when the trial resumes); returns its id."""
-        found = self._find(
-            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{_quote(trial)}'"
-        )
+        """The trial's child run (status pending until a worker starts it; reused on resume); returns its id."""
+        found = self._find(f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{_quote(trial)}'")
         if found:
-            self.client.update_run(found, status="RUNNING")
-            self.client.set_tag(found, STATUS_TAG, "running")
             return found
         run = self.client.create_run(
             self.experiment_id,
@@ -147,7 +145,7 @@ class SweepTracker:
                 ROLE_TAG: "trial",
                 SWEEP_TAG: sweep_id,
                 TRIAL_TAG: trial,
-                STATUS_TAG: "running",
+                STATUS_TAG: "pending",
                 **tags,
             },
         )
@@ -305,7 +303,5 @@ class RunLogger:
         self.gaps.append(gap)
         print(f"[mlflow] {gap}", flush=True)
         self._outage_since, self._outage_items = None, 0
-        try:
+        with contextlib.suppress(Exception):
             self.client.set_tag(self.run_id, "tracking_gap", "; ".join(self.gaps))
-        except Exception:
-            pass

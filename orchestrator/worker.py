@@ -11,6 +11,15 @@ from contextlib import ExitStack
 from typing import Any
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report at INFO under a file-path logger name that LoggingConfig misses."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Run gptcore's `train` on this worker (see `orchestrator.trial.run_trial`)."""
     import ray.train
@@ -21,19 +30,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from gptcore.train import HookList, Hooks, train
     from orchestrator.hooks import ConsoleProgress, MlflowLogging, RayReporter
 
+    _quiet_report_logs()
     job = JobConfig.from_dict(loop_config["job"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
-    hooks: list[Hooks] = [RayReporter()]
+    hooks: list[Hooks] = []
     if rank == 0:
         hooks.append(ConsoleProgress(loop_config["trial"]))
         if loop_config.get("run_id"):
             hooks.append(
                 MlflowLogging(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("ray_trial_id"))
             )
+    hooks.append(RayReporter())  # last: its final report ends the trial, after MLflow has its data
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=device)

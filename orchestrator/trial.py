@@ -1,0 +1,56 @@
+"""The Tune trial: build a `TorchTrainer` for one grid point and run it to the end.
+
+Runs in a Tune trial actor; module-level imports stay light (the actor unpickles this function).
+The trial's MLflow child run is created by the driver beforehand; workers log to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def join_uri(base: str, *parts: str) -> str:
+    head, sep, query = base.partition("?")  # keep s3://...?endpoint_override=... query strings at the end
+    return "/".join([head.rstrip("/"), *parts]) + (sep + query if sep else "")
+
+
+def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.worker import train_loop_per_worker
+
+    name = config["trial"]
+    spec = specs[name]
+    gpu = bool(settings["use_gpu"])
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": spec["config"],
+            "trial": name,
+            "run_id": spec.get("run_id"),
+            "tracking_uri": settings["tracking_uri"],
+            "cpus_per_worker": settings["cpus_per_worker"],
+            "ray_trial_id": ray.tune.get_context().get_trial_id(),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings["workers"],
+            use_gpu=gpu,
+            resources_per_worker={"CPU": settings["cpus_per_worker"], **({"GPU": 1} if gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=join_uri(settings["storage"], settings["sweep_id"], name),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=settings["checkpoints_to_keep"],
+                checkpoint_score_attribute=settings["metric"],
+                checkpoint_score_order=settings["mode"],
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=settings["max_failures"]),
+            callbacks=[TuneReportCallback()],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    trainer.fit()
