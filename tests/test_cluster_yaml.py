@@ -10,6 +10,7 @@ and no floating `latest` / nightly image or wheel.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import shlex
@@ -24,7 +25,6 @@ import pytest
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import Version
-
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 if sys.version_info >= (3, 11):
@@ -86,10 +86,8 @@ def pip_requirements(commands: list[str]) -> list[Requirement]:
                 elif word in ("-e", "--editable", "--index-url", "-i", "--extra-index-url", "-c", "-r"):
                     skip_next = True
                 elif not word.startswith("-"):
-                    try:
+                    with contextlib.suppress(InvalidRequirement):
                         found.append(Requirement(word))
-                    except InvalidRequirement:
-                        pass
     return found
 
 
@@ -148,7 +146,7 @@ def test_every_node_type_names_its_machine_image(cluster):
         ((), "max_workers", "max_worker"),
         ((), "setup_commands", "setup_comands"),
         ((), "head_start_ray_commands", "head_start_ray_command"),
-        (("docker",), "worker_image", "worker_imag"),
+        (("docker",), "run_options", "run_option"),
         (("available_node_types", "ray.worker.g5"), "max_workers", "max_worker"),
         (("available_node_types", "ray.worker.g5"), "resources", "resource"),
     ],

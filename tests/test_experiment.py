@@ -1,0 +1,136 @@
+"""Experiment files, --set overrides and the dry run: everything checked before Ray starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.experiment import ExperimentError, expand_trials, load_experiment, parse_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
+
+GOOD = """
+from orchestrator import Experiment, grid
+EXPERIMENT = Experiment(name="t", corpus="the-verdict", model="micro", grid={"data.stride": grid(32, 16)})
+"""
+
+
+def write(tmp_path, text, name="exp.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_file_passes_dry_run(path, capsys):
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trial(s)" in out and "resources per trial" in out
+
+
+def test_dry_run_lists_trials_and_resources(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert main(["run", str(path), "--dry-run", "--set", "train.lr=1e-3", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "000_stride=32" in out and "001_stride=16" in out
+    assert "2 worker(s) x (1 CPU" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("EXPERIMENT = (", "syntax error"),
+        ("from orchestrator import Experiment\nEXPERIMENT = Experiment(grid={'data.stride': [1]})", "needs a name"),
+        ("from orchestrator import Experiment\nEXPERIMENT = Experiment(name='x')", "has no grid"),
+        ("from orchestrator import Experiment\nEXPERIMENT = Experiment(name='x', grid={})", "has no grid"),
+        (
+            "from orchestrator import Experiment\nEXPERIMENT = Experiment(name='x', grid={'data.strid': [1, 2]})",
+            "grid key 'data.strid' is not a config field",
+        ),
+        (
+            "from orchestrator import Experiment\nEXPERIMENT = Experiment(name='x', grid={'data.stride': []})",
+            "grid axis 'data.stride' is empty",
+        ),
+        ("x = 1", "does not define EXPERIMENT"),
+        ("from orchestrator import Experiment\nEXPERIMENT = Experiment(nme='x')", "unexpected keyword"),
+        (
+            "from orchestrator import Experiment\n"
+            "EXPERIMENT = Experiment(name='x', model='micro', grid={'train.lr': [1e-3, -1.0]})",
+            "train.lr",
+        ),
+    ],
+)
+def test_malformed_experiment_gets_one_clear_error(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_missing_experiment_file(capsys):
+    assert main(["run", "nope/missing.py"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.learning_rate=1", "unknown config key"),
+        ("lr=1", "unknown config key"),
+        ("train.batch_size=two", "train.batch_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("data.stride=-1", "data.stride"),
+        ("train.lr=nan", "train.lr"),
+        ("model.pos_emb=alibi", "model.pos_emb"),
+        ("train.lr", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_are_refused(tmp_path, capsys, item, message):
+    path = write(tmp_path, GOOD)
+    assert main(["run", str(path), "--dry-run", "--set", item]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_override_values_are_typed():
+    assert parse_overrides(["train.lr=1", "model.qkv_bias=false", "train.max_steps=none", "data.corpus=a.txt"]) == {
+        "train.lr": 1.0,
+        "model.qkv_bias": False,
+        "train.max_steps": None,
+        "data.corpus": "a.txt",
+    }
+
+
+def test_set_on_a_grid_axis_pins_it(tmp_path):
+    experiment = load_experiment(write(tmp_path, GOOD))
+    trials = expand_trials(experiment, {"data.stride": 16, "model.n_layers": 2})
+    assert [t.name for t in trials] == ["000_stride=16"]
+    assert trials[0].job.model.n_layers == 2 and trials[0].job.stride == 16
+
+
+def test_trial_names_are_deterministic(tmp_path):
+    experiment = load_experiment(write(tmp_path, GOOD))
+    assert [t.name for t in expand_trials(experiment)] == [t.name for t in expand_trials(experiment)]
+
+
+def test_cli_exits_nonzero_with_one_line(tmp_path):
+    path = write(tmp_path, "EXPERIMENT = (")
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(path)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "syntax error" in proc.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_every_verb_has_help():
+    for verb in ("run", "ui", "sample", "report"):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", verb, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_experiment_error_type():
+    with pytest.raises(ExperimentError):
+        expand_trials(load_experiment(EXPERIMENTS[0]), {"data.stride": 0})
