@@ -130,6 +130,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptcore.pretrained import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = export_hf(_local_checkpoint(args.checkpoint, Path(tmp)), args.out, overwrite=args.overwrite)
+    print(f"wrote a Hugging Face GPT-2 folder to {out}; load it with GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    return 0
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -155,7 +167,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,ui,sample,report}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,ui,sample,report,export}")
 
     run = verbs.add_parser("run", help="run (or resume) the sweep an experiment file describes")
     run.add_argument("experiment", help="experiment file, e.g. experiments/stride_sweep.py")
@@ -199,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     sample.set_defaults(func=cmd_sample)
+
+    export = verbs.add_parser("export", help="save a checkpoint as a Hugging Face GPT-2 folder")
+    export.add_argument("checkpoint", help="checkpoint folder (or s3:// URI)")
+    export.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer files)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    export.set_defaults(func=cmd_export)
 
     report = verbs.add_parser("report", help="results table and plots of a sweep, from MLflow")
     report.add_argument("experiment", help="experiment name or file")

@@ -126,7 +126,7 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
 
 
 def test_every_verb_has_help():
-    for verb in ("run", "ui", "sample", "report"):
+    for verb in ("run", "ui", "sample", "report", "export"):
         proc = subprocess.run([sys.executable, "-m", "orchestrator", verb, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage:" in proc.stdout
 

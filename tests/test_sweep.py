@@ -125,3 +125,19 @@ def test_report_verb_reads_mlflow(sweep):
     assert proc.returncode == 0, proc.stderr
     assert (work / "report" / "results.md").read_text().count("| 000_stride=32 |") == 1
     assert (work / "report" / "train_vs_val.png").stat().st_size > 1000
+
+
+def test_export_verb_writes_a_transformers_folder(sweep):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    work, _, client = sweep
+    _, kids = children(client)
+    checkpoint = kids[0].data.tags["best_checkpoint"]
+    proc = run_cli(["export", checkpoint, "hf_model"], work, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    hf = GPT2LMHeadModel.from_pretrained(work / "hf_model").eval()
+    model, _ = load_model(checkpoint)
+    tokens = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, model(tokens), atol=1e-5)
