@@ -11,6 +11,7 @@ is unpickled.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -145,11 +146,25 @@ def save_checkpoint(
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; where the OS can swap atomically, ``dst`` is never missing in between."""
     if not dst.exists():
         os.replace(src, dst)
         return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if _exchange(src, dst):  # src now holds the old folder
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")  # elsewhere: two renames (a brief gap)
     os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)

@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.experiment)
     use_gpu = {"auto": "auto", "yes": True, "no": False, None: None}[args.use_gpu]
     options = SweepOptions(
-        overrides=parse_overrides(args.set or []),
+        overrides=parse_overrides(args.set or [], experiment.kind),
         address=args.address,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     outcome = run_sweep(experiment, options, wait_for_resources=args.wait_for_resources)
     report = write_report(outcome.tracking_uri, outcome.experiment, outcome.sweep_id)
-    print(f"\nResults of sweep {outcome.sweep_id} (ranked by best val loss):\n{report['table']}")
+    print(f"\nResults of sweep {outcome.sweep_id} ({report['ranking']}):\n{report['table']}")
     print(f"\nMLflow: python -m orchestrator ui{_uri_flag(args.tracking_uri)}  (parent run {outcome.parent_run_id})")
     if outcome.interrupted:
         print(f"\nThe sweep was interrupted; finish it with: python -m orchestrator run {args.experiment} --resume")
@@ -97,6 +97,7 @@ def _local_checkpoint(uri: str, scratch: Path) -> Path:
 
     fs, path = pafs.FileSystem.from_uri(uri)
     local = scratch / "checkpoint"
+    local.mkdir(parents=True)  # copy_files does not create the top folder on a local destination
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
 
@@ -156,7 +157,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         name = load_experiment(name).name
     uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     report = write_report(uri, name, args.sweep, args.out)
-    print(f"Sweep {report['sweep']} (ranked by best val loss):\n{report['table']}")
+    print(f"Sweep {report['sweep']} ({report['ranking']}):\n{report['table']}")
     if args.out:
         print(f"\nwritten to {Path(args.out).absolute()}: results.md, results.csv, val_loss_vs_tokens.png, ...")
     return 0

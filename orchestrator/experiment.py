@@ -14,6 +14,8 @@ An experiment file is a Python file that defines ``EXPERIMENT = Experiment(...)`
     )
 
 Grid keys and ``--set`` keys are dotted config keys (``model.pos_emb``, ``data.stride``, ``train.lr``).
+A ``kind="decode"`` experiment samples from one trained checkpoint instead, over ``decode.*`` keys
+(see `orchestrator.decoding`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gptcore.config import ConfigError, JobConfig, field_type, nest, valid_keys
+from orchestrator.decoding import DECODE_METRICS, DecodeConfig, decode_field_type, decode_keys
+
+TRAIN_METRICS = ("val_loss", "train_loss", "best_val_loss", "val_perplexity")
 
 
 class ExperimentError(ValueError):
@@ -78,6 +83,8 @@ class Experiment:
     max_failures: int = 2  # worker failures survived per trial (resume from the latest checkpoint)
     checkpoints_to_keep: int = 2  # best by metric plus the latest
     description: str = ""
+    kind: Literal["train", "decode"] = "train"  # decode: sample from one checkpoint (orchestrator.decoding)
+    decode: dict[str, Any] = field(default_factory=dict)  # decode.* settings of a decode experiment
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -90,18 +97,23 @@ class Experiment:
                 f'experiment {self.name!r} has no grid; add grid={{"data.stride": grid(256, 128)}} '
                 "(a single run is a grid with one value)"
             )
-        known = set(valid_keys())
+        self._check_kind()
+        decode = self.kind == "decode"
+        known = set(config_keys(self.kind))
+        examples = "decode.temperature, decode.top_k" if decode else "data.stride, model.pos_emb, train.lr"
         for key, values in self.grid.items():
             if key not in known:
                 raise ExperimentError(
-                    f"grid key {key!r} is not a config field; use a dotted key such as data.stride, "
-                    f"model.pos_emb, train.lr (all keys: {', '.join(sorted(known))})"
+                    f"grid key {key!r} is not a {'decode ' if decode else ''}config field; "
+                    f"use a dotted key such as {examples} "
+                    f"(all keys: {', '.join(sorted(known))})"
                 )
             if not isinstance(values, (list, tuple)) or len(values) == 0:
                 raise ExperimentError(f"grid axis {key!r} is empty; give it at least one value, e.g. grid(1, 2)")
-        if self.metric not in ("val_loss", "train_loss", "best_val_loss", "val_perplexity"):
+        metrics = DECODE_METRICS if decode else TRAIN_METRICS
+        if self.metric not in metrics:
             raise ExperimentError(
-                f"metric {self.metric!r} is not reported; use val_loss, best_val_loss, train_loss or val_perplexity"
+                f"metric {self.metric!r} is not reported by {self.kind} trials; use one of {', '.join(metrics)}"
             )
         if self.mode not in ("min", "max"):
             raise ExperimentError(f"mode must be 'min' or 'max', got {self.mode!r}")
@@ -116,8 +128,29 @@ class Experiment:
         ):
             raise ExperimentError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
 
+    def _check_kind(self) -> None:
+        if self.kind not in ("train", "decode"):
+            raise ExperimentError(f"kind must be 'train' or 'decode', got {self.kind!r}")
+        if self.kind == "train" and self.decode:
+            raise ExperimentError(
+                'decode={...} settings need kind="decode"; add it, or drop decode= from a training sweep'
+            )
+        if self.kind == "decode":
+            if self.corpus is not None or self.model_overrides or self.data or self.train or self.scheduler:
+                raise ExperimentError(
+                    "a decode experiment samples from a trained checkpoint: drop corpus/model_overrides/data/train/"
+                    'scheduler, and set decode={"checkpoint": ...} (train the model with a train experiment)'
+                )
+            unknown = sorted(set(self.decode) - {k.removeprefix("decode.") for k in decode_keys()})
+            if unknown:
+                raise ExperimentError(
+                    f"decode={{...}} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(decode_keys())}"
+                )
+
     def base_config(self) -> dict[str, dict[str, Any]]:
         """The nested raw config every trial starts from."""
+        if self.kind == "decode":
+            return {"decode": dict(self.decode)}
         data = dict(self.data)
         if self.corpus is not None:
             data["corpus"] = self.corpus
@@ -132,7 +165,14 @@ class Trial:
     name: str
     params: dict[str, Any]  # grid values, by dotted key
     config: dict[str, dict[str, Any]]  # nested raw config (preset + overrides)
-    job: JobConfig
+    job: JobConfig | DecodeConfig
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the trial's run that come from its configuration."""
+        if isinstance(self.job, DecodeConfig):
+            return {"seed": str(self.job.seed), "kind": "decode"}
+        return {"seed": str(self.job.train.seed), "model.preset": str(self.config["model"].get("preset", ""))}
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -172,24 +212,38 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def config_keys(kind: str = "train") -> list[str]:
+    """The dotted keys an experiment of ``kind`` may use in its grid and ``--set``."""
+    return decode_keys() if kind == "decode" else valid_keys()
+
+
+def _field_type(key: str) -> Any:
+    return decode_field_type(key) if key.startswith("decode.") else field_type(key)
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Ints given for float fields become floats (``--set train.lr=1`` is fine)."""
-    kinds = typing.get_args(field_type(key)) or (field_type(key),)
+    kinds = typing.get_args(_field_type(key)) or (_field_type(key),)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.lr=1e-3", "model.preset=tiny"]`` -> ``{"train.lr": 0.001, "model.preset": "tiny"}``."""
+def parse_overrides(items: Sequence[str], kind: str = "train") -> dict[str, Any]:
+    """``["train.lr=1e-3", "model.preset=tiny"]`` -> ``{"train.lr": 0.001, "model.preset": "tiny"}``.
+
+    ``kind`` is the experiment's: a decode experiment takes ``decode.*`` keys only.
+    """
     out: dict[str, Any] = {}
+    keys = config_keys(kind)
     for item in items:
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key:
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
-        if key not in valid_keys():
-            raise ExperimentError(f"--set {key}: unknown config key; valid keys: {', '.join(valid_keys())}")
+        if key not in keys:
+            which = "decode config key" if kind == "decode" else "config key"
+            raise ExperimentError(f"--set {key}: unknown {which}; valid keys: {', '.join(keys)}")
         out[key] = _coerce(key, parse_value(text))
     return out
 
@@ -216,13 +270,22 @@ def trial_name(index: int, params: dict[str, Any]) -> str:
     return "_".join([f"{index:03d}", *parts])[:120]
 
 
+def _takes_list(key: str) -> bool:
+    return any(typing.get_origin(t) is list for t in typing.get_args(_field_type(key)))
+
+
 def expand_trials(experiment: Experiment, overrides: dict[str, Any] | None = None) -> list[Trial]:
-    """Every grid point as a validated `Trial`. ``--set`` on a grid key pins that axis to one value."""
+    """Every grid point as a validated `Trial`.
+
+    ``--set`` on a grid key pins that axis to one value, or to several with a list
+    (``--set train.lr=[1e-4,5e-4]``; not for keys whose values are lists, such as data.corpus).
+    """
     overrides = dict(overrides or {})
     axes = {key: list(values) for key, values in experiment.grid.items()}
     for key in list(axes):
         if key in overrides:
-            axes[key] = [overrides.pop(key)]
+            value = overrides.pop(key)
+            axes[key] = list(value) if isinstance(value, list) and value and not _takes_list(key) else [value]
     base = _merge(experiment.base_config(), {k: _coerce(k, v) for k, v in overrides.items()})
     trials = []
     for index, combo in enumerate(itertools.product(*axes.values())):
@@ -230,7 +293,8 @@ def expand_trials(experiment: Experiment, overrides: dict[str, Any] | None = Non
         config = _merge(base, params)
         name = trial_name(index, params)
         try:
-            job = JobConfig.from_dict(config)
+            decode = experiment.kind == "decode"
+            job = DecodeConfig.from_dict(config["decode"]) if decode else JobConfig.from_dict(config)
         except ConfigError as exc:
             raise ExperimentError(f"trial {name}: {exc}") from None
         trials.append(Trial(index, name, params, config, job))

@@ -87,7 +87,8 @@ class RayReporter(Hooks):
             "avg_tokens_per_sec": round(result.tokens_per_sec, 1),
             "final": True,
         }
-        ray.train.report({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))})
+        # A diverged trial's NaN losses become +inf: Tune needs the metric in every result, and inf ranks last.
+        ray.train.report({k: math.inf if isinstance(v, float) and math.isnan(v) else v for k, v in final.items()})
 
 
 class ConsoleProgress(Hooks):
@@ -171,6 +172,10 @@ class MlflowLogging(Hooks):
         self.logger.log_metrics({k: metrics[k] for k in keys if k in metrics}, step=state.step)
         if sample is not None:
             self.logger.log_text(sample + "\n", f"samples/step_{state.step:06d}.txt")
+        if save is not None and not self.logger.outage:
+            # Deliver every step up to this checkpoint before Ray registers it: a worker lost later resumes
+            # from here, and the steps it retrains are skipped (already logged), so none may be left unsent.
+            self.logger.flush(timeout=10)
 
     def on_train_end(self, ctx, state, result: TrainResult) -> None:
         self.logger.log_metrics(

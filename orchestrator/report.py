@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from mlflow import MlflowClient
 
+from orchestrator.decoding import DECODE_METRICS
 from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
     ROLE_TAG,
@@ -46,6 +47,11 @@ class TrialResult:
     tokens_seen: float = math.nan
     tokens_per_sec: float = math.nan
     wall_time_s: float = math.nan
+    params_trainable: float = math.nan
+    distinct_1: float = math.nan  # decode trials (orchestrator.decoding)
+    distinct_2: float = math.nan
+    repetition_rate: float = math.nan
+    self_perplexity: float = math.nan
     best_checkpoint: str = ""
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
 
@@ -77,20 +83,36 @@ def trial_results(client: MlflowClient, parent_run_id: str) -> list[TrialResult]
                 tokens_seen=m.get("tokens_seen", math.nan),
                 tokens_per_sec=m.get("avg_tokens_per_sec", m.get("tokens_per_sec", math.nan)),
                 wall_time_s=m.get("wall_time_s", math.nan),
-                best_checkpoint=tags.get(BEST_CHECKPOINT_TAG, ""),
+                **{key: m.get(key, math.nan) for key in ("params_trainable", *DECODE_METRICS)},
+                best_checkpoint=tags.get(BEST_CHECKPOINT_TAG, tags.get("checkpoint", "")),
                 curves=curves,
             )
         )
     return sorted(results, key=lambda r: (math.isnan(r.best_val_loss), r.best_val_loss, r.name))
 
 
+def is_decode_sweep(results: list[TrialResult]) -> bool:
+    return any(math.isfinite(r.self_perplexity) for r in results) and all(math.isnan(r.best_val_loss) for r in results)
+
+
+def ranking(results: list[TrialResult]) -> str:
+    """How `trial_results` orders the table, in words."""
+    return "in grid order" if is_decode_sweep(results) else "ranked by best val loss"
+
+
 # --------------------------------------------------------------------------- table
 
 
+# A column appears when at least one trial has its value (decode sweeps have no losses, train sweeps no distinct-n).
 COLUMNS = [
     ("best val", "best_val_loss", "{:.3f}"),
     ("final val", "final_val_loss", "{:.3f}"),
     ("final train", "final_train_loss", "{:.3f}"),
+    ("trainable params", "params_trainable", "{:,.0f}"),
+    ("distinct-1", "distinct_1", "{:.3f}"),
+    ("distinct-2", "distinct_2", "{:.3f}"),
+    ("repetition", "repetition_rate", "{:.3f}"),
+    ("self ppl", "self_perplexity", "{:.2f}"),
     ("tokens", "tokens_seen", "{:,.0f}"),
     ("tok/s", "tokens_per_sec", "{:,.0f}"),
     ("wall s", "wall_time_s", "{:.0f}"),
@@ -99,10 +121,12 @@ COLUMNS = [
 
 def table_rows(results: list[TrialResult]) -> tuple[list[str], list[list[str]]]:
     axes = sorted({k for r in results for k in r.params})
-    header = ["rank", "trial", *axes, "status", *[c[0] for c in COLUMNS], "best checkpoint"]
+    columns = [c for c in COLUMNS if any(math.isfinite(getattr(r, c[1])) for r in results)]
+    checkpoint = "checkpoint" if is_decode_sweep(results) else "best checkpoint"
+    header = ["rank", "trial", *axes, "status", *[c[0] for c in columns], checkpoint]
     rows = []
     for rank, r in enumerate(results, 1):
-        values = [fmt.format(getattr(r, attr)) if math.isfinite(getattr(r, attr)) else "-" for _, attr, fmt in COLUMNS]
+        values = [fmt.format(getattr(r, attr)) if math.isfinite(getattr(r, attr)) else "-" for _, attr, fmt in columns]
         rows.append([str(rank), r.name, *[r.params.get(a, "") for a in axes], r.status, *values, r.best_checkpoint])
     return header, rows
 
@@ -177,6 +201,22 @@ def plot_train_vs_val(results: list[TrialResult], path: Path, title: str) -> Pat
     return path
 
 
+def plot_diversity_vs_perplexity(results: list[TrialResult], path: Path, title: str) -> Path:
+    """A decode sweep: distinct-2 (diversity) against the model's own perplexity of its samples, one point a trial."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        if math.isfinite(r.distinct_2) and math.isfinite(r.self_perplexity):
+            point = (r.self_perplexity, r.distinct_2)
+            ax.scatter(*point)
+            ax.annotate(r.name, point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="self-perplexity of the samples", ylabel="distinct-2", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def log_trial_curve(tracking_uri: str, run_id: str) -> None:
     """The trial's train/val loss curve as ``loss_curve.png`` on its own run."""
     client = client_for(tracking_uri)
@@ -223,12 +263,23 @@ def write_report(
         }
         for name, text in files.items():
             (folder / name).write_text(text + "\n")
-        plot_val_vs_tokens(results, folder / "val_loss_vs_tokens.png", f"{sweep}: validation loss")
-        plot_train_vs_val(results, folder / "train_vs_val.png", f"{sweep}: train vs validation loss")
-        for name in [*files, "val_loss_vs_tokens.png", "train_vs_val.png"]:
+        if is_decode_sweep(results):
+            plots = [plot_diversity_vs_perplexity(results, folder / "diversity_vs_perplexity.png", sweep)]
+        else:
+            plots = [
+                plot_val_vs_tokens(results, folder / "val_loss_vs_tokens.png", f"{sweep}: validation loss"),
+                plot_train_vs_val(results, folder / "train_vs_val.png", f"{sweep}: train vs validation loss"),
+            ]
+        for name in [*files, *(p.name for p in plots)]:
             client.log_artifact(parent.info.run_id, str(folder / name), artifact_path="report")
         best = results[0]
         if math.isfinite(best.best_val_loss):
             client.log_metric(parent.info.run_id, "best_val_loss", best.best_val_loss)
             client.set_tag(parent.info.run_id, "best_trial", best.name)
-    return {"sweep": sweep, "parent_run_id": parent.info.run_id, "results": results, "table": format_table(results)}
+    return {
+        "sweep": sweep,
+        "parent_run_id": parent.info.run_id,
+        "results": results,
+        "table": format_table(results),
+        "ranking": ranking(results),
+    }

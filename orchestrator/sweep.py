@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from gptcore.data import CACHE_ENV, MIRROR_ENV, build_datasets, cache_dir
+from orchestrator.decoding import decode_rows, decode_trainable, resolve_checkpoints
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
 from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
@@ -28,6 +29,7 @@ from orchestrator.tracking import (
     STATUS_TAG,
     SweepTracker,
     check_reachable,
+    cluster_tracking_uri,
     default_artifact_root,
     default_tracking_uri,
     git_commit,
@@ -99,6 +101,14 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def _join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts)) if "://" not in uri else join_uri(uri, *parts)
+
+
+def storage_uri(storage: str, fs_path: str) -> str:
+    """A path Ray reports on the storage filesystem (scheme and query stripped) as a URI of ``storage``."""
+    if "://" not in storage:
+        return fs_path
+    _, sep, query = storage.partition("?")
+    return f"{storage.split('://', 1)[0]}://{fs_path}{sep}{query}"
 
 
 def write_json(uri: str, payload: dict[str, Any]) -> None:
@@ -180,17 +190,22 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     if plan.experiment.scheduler:
         lines.append(f"scheduler: {plan.experiment.scheduler}")
     keys = list(plan.experiment.grid)
-    header = ["trial", *keys, "model", "steps"]
-    rows = []
-    for trial in plan.trials:
-        job = trial.job
-        steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
-        model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
-        rows.append([trial.name, *[str(trial.params[k]) for k in keys], model, steps])
+    rows_of = decode_rows if plan.experiment.kind == "decode" else _train_rows
+    header, rows = rows_of(plan.trials, keys)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     return "\n".join(lines)
+
+
+def _train_rows(trials: list[Trial], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for trial in trials:
+        job = trial.job
+        steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
+        model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
+        rows.append([trial.name, *[str(trial.params[k]) for k in keys], model, steps])
+    return ["trial", *keys, "model", "steps"], rows
 
 
 def check_data(trials: list[Trial]) -> None:
@@ -306,7 +321,10 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         plan = make_plan(experiment, options)
         tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
         check_reachable(tracking_uri)
-        check_data(plan.trials)
+        if experiment.kind == "decode":
+            plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
+        else:
+            check_data(plan.trials)
         sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
         tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
@@ -327,6 +345,8 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
             ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
             {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
         )
+        if experiment.kind == "decode":  # inference in the Tune trial itself
+            trainable = decode_trainable(specs, asdict(settings))
         sweep_dir = _join(storage, sweep_id)
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
             tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
@@ -362,12 +382,17 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, wait_for_resou
             **({"git_commit": commit} if commit else {}),
         },
     )
+    tracking_uri = tracker.uri
+    if options.address:  # trials may run on other nodes, where the driver's loopback is not this machine
+        import ray.util
+
+        tracking_uri = cluster_tracking_uri(tracking_uri, ray.util.get_node_ip_address())
     return SweepSettings(
         sweep_id=sweep_id,
         experiment=experiment.name,
         experiment_file=options.experiment_file,
         storage=storage,
-        tracking_uri=tracker.uri,
+        tracking_uri=tracking_uri,
         artifact_root=tracker.artifact_root,
         parent_run_id=parent,
         workers=plan.workers,
@@ -387,9 +412,8 @@ def _create_trial_runs(tracker: SweepTracker, settings: SweepSettings, trials: l
     for trial in trials:
         flat = trial.job.flat()
         tags = {
-            "seed": str(trial.job.train.seed),
+            **trial.tags,
             "experiment_file": settings.experiment_file,
-            "model.preset": str(trial.config["model"].get("preset", "")),
             **({"git_commit": settings.git_commit} if settings.git_commit else {}),
         }
         params = {**flat, **{f"grid.{k}": v for k, v in trial.params.items()}}
@@ -406,7 +430,11 @@ def _new_tuner(trainable, names, experiment, options, settings):
     if experiment.scheduler:
         a = experiment.scheduler
         scheduler = ASHAScheduler(
-            time_attr=a.time_attr, max_t=a.max_t, grace_period=a.grace_period, reduction_factor=a.reduction_factor
+            time_attr=a.time_attr,
+            max_t=a.max_t,
+            grace_period=a.grace_period,
+            reduction_factor=a.reduction_factor,
+            stop_last_trials=False,  # a trial reaching max_t ends on its own (with its final report)
         )
     return ray.tune.Tuner(
         trainable,
@@ -482,7 +510,7 @@ def _best_checkpoint(result, settings: SweepSettings) -> str | None:
     if rows.empty:
         return None
     best = rows[settings.metric].idxmin() if settings.mode == "min" else rows[settings.metric].idxmax()
-    return str(rows.loc[best, "checkpoint_path"])
+    return storage_uri(settings.storage, str(rows.loc[best, "checkpoint_path"]))
 
 
 def exit_code(outcome: SweepOutcome) -> int:

@@ -10,6 +10,7 @@ outage delays metrics (and is reported) instead of losing them or blocking train
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import subprocess
@@ -68,6 +69,35 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {uri} is unreachable ({exc}); start it (e.g. mlflow server --host 127.0.0.1 "
             f"--port {port}), fix --tracking-uri, or leave it out to use the local SQLite store"
         ) from None
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def cluster_tracking_uri(uri: str, node_ip: str) -> str:
+    """A loopback http(s) tracking URI as ``node_ip`` (the driver's node), so trials on other nodes reach it.
+
+    Rewritten only when the server answers there too; a server bound to loopback only keeps its URI (with a warning).
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not _is_loopback(parsed.hostname) or _is_loopback(node_ip):
+        return uri
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+    routable = parsed._replace(netloc=f"{host}:{parsed.port}" if parsed.port else host).geturl()
+    try:
+        check_reachable(routable, timeout=2)
+    except TrackingError:
+        print(
+            f"warning: the MLflow server {uri} does not answer on {node_ip}: trials on other nodes cannot log to it; "
+            "start it with --host 0.0.0.0 (behind a firewall) or forward the port on every node",
+            flush=True,
+        )
+        return uri
+    return routable
 
 
 def git_commit(path: str | Path = ".") -> str | None:
@@ -220,6 +250,11 @@ class RunLogger:
     def set_tags(self, tags: dict[str, str]) -> None:
         with self._lock:
             self._pending.append(("tags", [RunTag(k, str(v)) for k, v in tags.items()]))
+
+    @property
+    def outage(self) -> bool:
+        """True while the store is unreachable (items are being buffered)."""
+        return self._outage_since is not None
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued is delivered (or ``timeout``); True when nothing is left."""

@@ -133,4 +133,4 @@ def test_every_verb_has_help():
 
 def test_experiment_error_type():
     with pytest.raises(ExperimentError):
-        expand_trials(load_experiment(EXPERIMENTS[0]), {"data.stride": 0})
+        expand_trials(load_experiment(REPO / "experiments" / "stride_sweep.py"), {"data.stride": 0})

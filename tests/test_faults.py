@@ -1,0 +1,212 @@
+"""Faults injected for real: killed Ray Train workers, diverging trials, interrupted drivers, a lost MLflow
+server and processes killed while writing a checkpoint. Sweeps run through the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from gptcore.checkpoint import load_checkpoint, load_model
+from gptcore.sampling import generate_text
+
+REPO = Path(__file__).resolve().parents[1]
+ray_test = pytest.mark.ray
+
+# A micro model that trains ~20 steps/s here: slow enough to be hit mid-way, fast enough for the suite.
+EXPERIMENT = """
+from orchestrator import Experiment, grid
+
+EXPERIMENT = Experiment(
+    name="faults",
+    corpus="the-verdict",
+    model="micro",
+    train={{"batch_size": 2, "max_steps": {steps}, "eval_every": {every}, "checkpoint_every": {every},
+           "eval_iters": 1, "sample_max_new_tokens": 0, "lr_schedule": "constant"}},
+    grid={grid},
+    max_concurrent={concurrent},
+)
+"""
+TOKENS_PER_STEP = 2 * 32  # batch_size x context_length of the micro preset
+
+
+def write_experiment(work: Path, *, steps: int, every: int, grid: str, concurrent: int | None = None) -> Path:
+    path = work / "faults.py"
+    path.write_text(EXPERIMENT.format(steps=steps, every=every, grid=grid, concurrent=concurrent))
+    return path
+
+
+class Cli:
+    """``python -m orchestrator ...`` in the background; stdout and stderr go to a file the test polls."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
+        self.log = cwd / f"cli-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", *args],
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} in the CLI output (rc {self.proc.poll()}):\n{self.output()[-5000:]}")
+
+    def finish(self, timeout: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"the CLI did not finish in {timeout}s:\n{self.output()[-5000:]}") from None
+
+    def kill_tree(self) -> None:
+        """Kill the CLI and every process it started (a local Ray cluster included)."""
+        with _suppress_gone():
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+            for p in procs:
+                with _suppress_gone():
+                    p.kill()
+        self.proc.wait(30)
+
+
+class _suppress_gone:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, psutil.NoSuchProcess)
+
+
+def children(client: MlflowClient, experiment: str = "faults") -> dict[str, object]:
+    """The sweep's child runs by trial name (asserting one parent run)."""
+    exp = client.get_experiment_by_name(experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    names = [k.data.tags["orchestrator.trial"] for k in kids]
+    assert len(names) == len(set(names)), f"duplicated child runs: {sorted(names)}"
+    return {k.data.tags["orchestrator.trial"]: k for k in kids}
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_generates(checkpoint: str) -> None:
+    model, _ = load_model(checkpoint)
+    assert generate_text(model, "Every effort moves you", 4)[0].startswith("Every effort moves you")
+
+
+# --------------------------------------------------------------------------- checkpoint writes (no Ray)
+
+SAVER = """
+import sys, torch
+from gptcore.checkpoint import TrainState, save_checkpoint
+from gptcore.config import JobConfig
+from gptcore.model import GPT
+
+job = JobConfig.from_dict({"model": {"preset": "micro", "d_model": 256, "n_heads": 4, "n_layers": 2}})
+model = GPT(job.model)
+step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        model.tok_emb.weight.fill_(step)
+    save_checkpoint(sys.argv[1], model=model, config=job, state=TrainState(step=step))
+    print(step, flush=True)
+"""
+
+
+def test_checkpoint_survives_a_writer_killed_mid_save(tmp_path):
+    """SIGKILL a process saving a ~50 MB checkpoint over and over: the folder always loads, whole and consistent."""
+    target = tmp_path / "ckpt"
+    rng = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            assert proc.stdout.readline().strip(), "the saver wrote no checkpoint"
+            time.sleep(rng.uniform(0.0, 1.5))  # somewhere inside a later save
+        finally:
+            proc.kill()
+            proc.wait(30)
+        ckpt = load_checkpoint(target)
+        assert ckpt.state.step >= 1, attempt
+        assert float(ckpt.model_state["tok_emb.weight"][0, 0]) == ckpt.state.step  # weights match the metadata
+    assert_generates(str(target))
+
+
+# --------------------------------------------------------------------------- a killed worker and a diverging trial
+
+
+@pytest.fixture(scope="module")
+def killed_worker_sweep(tmp_path_factory):
+    """Trial 000 has its Ray Train worker SIGKILLed after its step-40 checkpoint; trial 001 (lr 1e6) diverges."""
+    work = tmp_path_factory.mktemp("killed_worker")
+    write_experiment(work, steps=200, every=20, grid='{"train.lr": grid(4e-4, 1e6)}')
+    cli = Cli(["run", "faults.py"], work)
+    try:
+        match = cli.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+\[000_lr=0.0004\] step 40/200")
+        victim = psutil.Process(int(match.group(1)))
+        assert "RayTrainWorker" in " ".join(victim.cmdline()) and victim in psutil.Process(cli.proc.pid).children(
+            recursive=True
+        )
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGKILL)
+        resumed = int(cli.wait_for(r"\[000_lr=0.0004\] .*resumed from step (\d+)").group(1))
+        rc = cli.finish()
+    finally:
+        if cli.proc.poll() is None:
+            cli.kill_tree()
+    return work, rc, cli.output(), resumed, MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
+
+
+@ray_test
+def test_killed_worker_resumes_from_its_checkpoint(killed_worker_sweep):
+    _, rc, out, resumed, client = killed_worker_sweep
+    assert rc == 0, out[-4000:]
+    assert resumed in (40, 60, 80), resumed  # the latest checkpoint when the worker died
+    run = children(client)["000_lr=0.0004"]
+    assert run.data.tags["resumed_from_step"] == str(resumed)
+    assert run.data.tags["orchestrator.status"] == "finished" and run.info.status == "FINISHED"
+    # every step logged exactly once, none lost around the crash
+    assert steps_of(client, run.info.run_id) == list(range(1, 201))
+    tokens = client.get_metric_history(run.info.run_id, "tokens_seen")
+    assert sorted((m.step, m.value) for m in tokens) == [(s, s * TOKENS_PER_STEP) for s in range(1, 201)]
+    assert steps_of(client, run.info.run_id, "val_loss") == list(range(20, 201, 20))
+    best = run.data.tags["best_checkpoint"]
+    assert load_checkpoint(best).state.step % 20 == 0
+    assert_generates(best)
+
+
+@ray_test
+def test_diverging_trial_stops_early_and_the_others_finish(killed_worker_sweep):
+    _, rc, out, _, client = killed_worker_sweep
+    assert rc == 0, out[-4000:]
+    row = next(line for line in out.splitlines() if line.split()[1:2] == ["001_lr=1e+06"])
+    assert "diverged" in row.split()
+    run = children(client)["001_lr=1e+06"]
+    assert run.data.tags["orchestrator.status"] == "diverged"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) < 200 and not math.isfinite(max(losses, key=lambda m: m.step).value)
