@@ -132,7 +132,9 @@ class MlflowLogging(Hooks):
         self.peak: float | None = None
 
     def on_train_start(self, ctx: TrainContext, state: TrainState) -> None:
-        skip = RunLogger.last_logged_step(self.uri, self.run_id) if ctx.resumed_from else -1
+        # Steps the run already has are not logged again: after a resume from a checkpoint, and after a trial
+        # restarted from scratch (its driver killed before a checkpoint), whose seeded steps repeat the same values.
+        skip = RunLogger.last_logged_step(self.uri, self.run_id)
         self.logger = RunLogger(self.uri, self.run_id, skip_steps_upto=skip)
         model = ctx.model
         self.flops_per_token = model.flops_per_token(ctx.config.model.context_length)

@@ -94,9 +94,12 @@ def moto_s3(tmp: Path, bucket: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp: Path) -> Iterator[str]:
-    """``mlflow server`` with a SQLite store and a local artifact folder; yields its http:// URI."""
-    port = free_port()
+def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
+    """``mlflow server`` with a SQLite store and a local artifact folder in ``tmp``; yields its http:// URI.
+
+    Started again with the same ``tmp`` and ``port``, it serves the same runs (a server restarted after an outage).
+    """
+    port = port or free_port()
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "art")]
     with _serve(command, port, tmp / "mlflow-server.log", timeout=120):
@@ -132,11 +135,11 @@ class RayCluster:
         return found
 
 
-def _ray_start(cluster: RayCluster, args: list[str], name: str, tmp: Path) -> None:
-    """One node: 1 CPU, a custom resource ``name``, its own temp dir and random ports (two nodes share a host)."""
+def _ray_start(cluster: RayCluster, args: list[str], name: str, tmp: Path, cpus: int = 1) -> None:
+    """One node: ``cpus`` CPUs, a custom resource ``name``, its own temp dir and random ports (nodes share a host)."""
     temp_dir = Path(f"/tmp/ray-{name}-{secrets.token_hex(3)}")  # short: Unix socket paths are limited to 107 bytes
     cluster.temp_dirs.append(temp_dir)
-    command = [str(BIN / "ray"), "start", "--block", *args, "--num-cpus", "1", "--num-gpus", "0"]
+    command = [str(BIN / "ray"), "start", "--block", *args, "--num-cpus", str(cpus), "--num-gpus", "0"]
     command += ["--resources", json.dumps({name: 1}), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     command += ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
     with (tmp / f"ray-{name}.log").open("w") as out:
@@ -155,15 +158,16 @@ def _wait_for_node(cluster: RayCluster, name: str, tmp: Path, timeout: float = 9
 
 
 @contextlib.contextmanager
-def ray_cluster(tmp: Path, workers: int = 1) -> Iterator[RayCluster]:
-    """A head node (resource ``head``) and ``workers`` joined nodes (``node1``...), 1 CPU each, token auth."""
+def ray_cluster(tmp: Path, workers: int = 1, head_cpus: int = 1) -> Iterator[RayCluster]:
+    """A head node (resource ``head``, ``head_cpus`` CPUs) and ``workers`` joined nodes (``node1``...) of 1 CPU,
+    token auth."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     cluster = RayCluster(address, env)
     try:
         head = ["--head", "--port", str(port), "--include-dashboard", "false"]
-        _ray_start(cluster, [*head, "--ray-client-server-port", str(free_port())], "head", tmp)
+        _ray_start(cluster, [*head, "--ray-client-server-port", str(free_port())], "head", tmp, head_cpus)
         _wait_for_port(port, cluster.nodes["head"], tmp / "ray-head.log", 60)
         for i in range(1, workers + 1):
             _ray_start(cluster, ["--address", address], f"node{i}", tmp)

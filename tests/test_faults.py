@@ -3,6 +3,7 @@ server and processes killed while writing a checkpoint. Sweeps run through the C
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -23,7 +24,7 @@ from gptcore.sampling import generate_text
 REPO = Path(__file__).resolve().parents[1]
 ray_test = pytest.mark.ray
 
-# A micro model that trains ~20 steps/s here: slow enough to be hit mid-way, fast enough for the suite.
+# A small model that trains ~20 steps/s here: slow enough to be hit mid-way, fast enough for the suite.
 EXPERIMENT = """
 from orchestrator import Experiment, grid
 
@@ -31,7 +32,8 @@ EXPERIMENT = Experiment(
     name="faults",
     corpus="the-verdict",
     model="micro",
-    train={{"batch_size": 2, "max_steps": {steps}, "eval_every": {every}, "checkpoint_every": {every},
+    model_overrides={{"d_model": 256, "n_heads": 4, "n_layers": 2}},
+    train={{"batch_size": 2, "epochs": 50, "max_steps": {steps}, "eval_every": {every}, "checkpoint_every": {every},
            "eval_iters": 1, "sample_max_new_tokens": 0, "lr_schedule": "constant"}},
     grid={grid},
     max_concurrent={concurrent},
@@ -204,9 +206,122 @@ def test_killed_worker_resumes_from_its_checkpoint(killed_worker_sweep):
 def test_diverging_trial_stops_early_and_the_others_finish(killed_worker_sweep):
     _, rc, out, _, client = killed_worker_sweep
     assert rc == 0, out[-4000:]
-    row = next(line for line in out.splitlines() if line.split()[1:2] == ["001_lr=1e+06"])
+    table = out[out.index("Results of sweep") :]
+    row = next(line for line in table.splitlines() if line.split()[1:2] == ["001_lr=1e+06"])
     assert "diverged" in row.split()
     run = children(client)["001_lr=1e+06"]
     assert run.data.tags["orchestrator.status"] == "diverged"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) < 200 and not math.isfinite(max(losses, key=lambda m: m.step).value)
+
+
+# --------------------------------------------------------------------------- an interrupted driver
+
+
+@pytest.fixture(scope="module")
+def interrupted_sweep(tmp_path_factory):
+    """Three trials one at a time: SIGINT during trial 001, --resume, SIGKILL (driver and its Ray) during trial 002,
+    --resume again to the end. Returns the work folder, each run's (exit code, output), and the MLflow client."""
+    work = tmp_path_factory.mktemp("interrupted")
+    write_experiment(work, steps=60, every=20, grid='{"train.lr": grid(4e-4, 3e-4, 2e-4)}', concurrent=1)
+    first = Cli(["run", "faults.py"], work)
+    try:
+        first.wait_for(r"\[000_lr=0.0004\] finished after 60 steps")
+        first.wait_for(r"\[001_lr=0.0003\] step 20/60")
+        first.proc.send_signal(signal.SIGINT)
+        first_rc = first.finish()
+    finally:
+        if first.proc.poll() is None:
+            first.kill_tree()
+    second = Cli(["run", "faults.py", "--resume"], work)
+    try:
+        second.wait_for(r"\[001_lr=0.0003\] finished after 60 steps")
+        second.wait_for(r"\[002_lr=0.0002\] step 40/60")  # its step-20 checkpoint is registered by now
+        second.kill_tree()  # SIGKILL: no chance to save anything
+    finally:
+        if second.proc.poll() is None:
+            second.kill_tree()
+    third = Cli(["run", "faults.py", "--resume"], work)
+    third_rc = third.finish()
+    runs = [(first_rc, first.output()), (second.proc.returncode, second.output()), (third_rc, third.output())]
+    return work, runs, MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
+
+
+@ray_test
+def test_sigint_stops_the_sweep_and_says_how_to_resume(interrupted_sweep):
+    _, runs, _ = interrupted_sweep
+    rc, out = runs[0]
+    assert rc == 130, out[-4000:]
+    assert "The sweep was interrupted; finish it with: python -m orchestrator run faults.py --resume" in out
+
+
+@ray_test
+def test_resume_after_sigint_and_sigkill_trains_only_unfinished_trials(interrupted_sweep):
+    _, runs, client = interrupted_sweep
+    (_, first), (_, second), (rc, third) = runs
+    assert rc == 0, third[-4000:]
+    # trial 000 finished in the first run and is never trained again
+    assert "[000_lr=0.0004] finished" in first
+    assert "[000_lr=0.0004]" not in second + third
+    assert "[001_lr=0.0003]" not in third
+    kids = children(client)  # one child run per trial: reused on --resume, not duplicated
+    assert sorted(kids) == ["000_lr=0.0004", "001_lr=0.0003", "002_lr=0.0002"]
+    for name, run in kids.items():
+        assert run.data.tags["orchestrator.status"] == "finished", name
+        assert run.info.status == "FINISHED", name
+        assert steps_of(client, run.info.run_id) == list(range(1, 61)), name  # every step once
+    assert re.search(r"\[002_lr=0.0002\] .*resumed from step [24]0", third)  # from its checkpoint, not from scratch
+    assert "Results of sweep faults-" in third
+
+
+# --------------------------------------------------------------------------- the MLflow server
+
+
+def test_unreachable_tracking_server_fails_before_anything_starts(tmp_path):
+    from tests.servers import free_port
+
+    write_experiment(tmp_path, steps=4, every=2, grid='{"train.lr": grid(4e-4)}')
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", "faults.py", "--tracking-uri", uri],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = proc.stderr.strip().splitlines()
+    assert len(message) == 1 and uri in message[0] and "unreachable" in message[0].lower(), proc.stderr
+    assert not (tmp_path / "ray_results").exists()  # no sweep state, no Ray
+
+
+@ray_test
+def test_tracking_server_lost_mid_run(tmp_path):
+    """The MLflow server dies at step 20 and comes back ~8 s later: training goes on, nothing is lost, the gap is
+    reported on the run."""
+    from tests.servers import free_port, mlflow_server
+
+    write_experiment(tmp_path, steps=300, every=50, grid='{"train.lr": grid(4e-4)}')
+    port, server_dir = free_port(), tmp_path / "server"
+    server_dir.mkdir()
+    with contextlib.ExitStack() as stack:
+        uri = stack.enter_context(mlflow_server(server_dir, port))
+        cli = Cli(["run", "faults.py", "--tracking-uri", uri], tmp_path)
+        try:
+            cli.wait_for(r"\[000_lr=0.0004\] 300 steps")
+            time.sleep(1.0)
+            stack.close()  # the server is gone
+            cli.wait_for(r"tracking store unreachable", timeout=60)
+            time.sleep(5)
+            stack.enter_context(mlflow_server(server_dir, port))  # back, same store
+            rc = cli.finish()
+        finally:
+            if cli.proc.poll() is None:
+                cli.kill_tree()
+        out = cli.output()
+        assert rc == 0, out[-4000:]
+        client = MlflowClient(uri)
+        run = children(client)["000_lr=0.0004"]
+        assert run.data.tags["orchestrator.status"] == "finished"
+        assert steps_of(client, run.info.run_id) == list(range(1, 301))  # buffered during the outage, none lost
+        assert "none lost" in run.data.tags["tracking_gap"]
