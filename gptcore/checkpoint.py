@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from gptcore.config import ConfigError, JobConfig
+from gptcore.config import ConfigError, GPTConfig, JobConfig
 
 FORMAT = "gptcore-checkpoint"
 VERSION = 1
@@ -173,7 +173,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _load_tensors(file: Path, expected_size: int | None) -> dict[str, torch.Tensor]:
+def _check_file(file: Path, expected_size: int | None) -> None:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing; the checkpoint is incomplete, pick another one")
     size = file.stat().st_size
@@ -181,6 +181,10 @@ def _load_tensors(file: Path, expected_size: int | None) -> dict[str, torch.Tens
         raise CheckpointError(
             f"{file} is truncated or altered ({size} bytes, metadata says {expected_size}); pick an earlier checkpoint"
         )
+
+
+def _load_tensors(file: Path, expected_size: int | None) -> dict[str, torch.Tensor]:
+    _check_file(file, expected_size)
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -191,7 +195,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The parsed ``meta.json`` of a checkpoint folder, validated."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass a checkpoint folder such as "
+            "ray_results/<sweep>/<trial>/train/checkpoint_000000"
+        )
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise CheckpointError(
@@ -267,6 +274,57 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *
     with torch.no_grad():
         for name, tensor in state.items():
             target[name].copy_(tensor)
+
+
+#: GPTConfig fields that decide which weights a model has and their shapes.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "pad_vocab_multiple",
+    "context_length",
+    "d_model",
+    "n_heads",
+    "n_layers",
+    "mlp_ratio",
+    "qkv_bias",
+    "bias",
+    "pos_emb",
+    "tie_weights",
+)
+
+
+def check_fits(path: str | Path, config: GPTConfig) -> None:
+    """Raise `CheckpointError` unless the weights of checkpoint ``path`` load into a model of ``config``.
+
+    Cheap: reads meta.json and the safetensors header, builds the model on the meta device; loads no tensor.
+    """
+    from gptcore.model import GPT
+
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        theirs = JobConfig.from_dict(meta["config"]).model
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / META_FILE}: invalid config ({exc})") from None
+    file = path / MODEL_FILE
+    _check_file(file, meta.get("files", {}).get(MODEL_FILE))
+    try:
+        with safe_open(file, framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is corrupt or truncated ({exc}); pick an earlier checkpoint") from None
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in model_state_dict(GPT(config)).items()}
+    if saved == wanted:
+        return
+    diff = [
+        f"model.{k}: checkpoint {getattr(theirs, k)!r} vs config {getattr(config, k)!r}"
+        for k in ARCHITECTURE_FIELDS
+        if getattr(theirs, k) != getattr(config, k)
+    ]
+    raise CheckpointError(
+        f"{path} is a checkpoint of another architecture ({'; '.join(diff) or 'its weights have other shapes'}); "
+        "set these model.* values to the checkpoint's, or pick a checkpoint of this model"
+    )
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

@@ -90,7 +90,8 @@ class GPTConfig:
         _require(
             self.d_model % self.n_heads == 0,
             "model.d_model",
-            f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}",
+            f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}; "
+            f"set model.d_model to a multiple of {self.n_heads} or change model.n_heads",
         )
         _require(
             self.pos_emb in POS_EMBS,

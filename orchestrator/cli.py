@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)  # one line, whatever the underlying library said
         return 2
 
 

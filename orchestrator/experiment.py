@@ -21,6 +21,7 @@ A ``kind="decode"`` experiment samples from one trained checkpoint instead, over
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import json
 import re
@@ -189,7 +190,9 @@ def load_experiment(path: str | Path) -> Experiment:
     except TypeError as exc:  # e.g. Experiment(nme=...)
         raise ExperimentError(f"{path}: {exc}; see the Experiment fields in orchestrator/experiment.py") from None
     except Exception as exc:
-        raise ExperimentError(f"{path}: the file raised {type(exc).__name__}: {exc}") from None
+        raise ExperimentError(
+            f"{path}: the file raised {type(exc).__name__}: {exc}; fix the file and run again"
+        ) from None
     experiment = namespace.get("EXPERIMENT")
     if not isinstance(experiment, Experiment):
         raise ExperimentError(f"{path} does not define EXPERIMENT = Experiment(...); add it (see experiments/)")
@@ -243,7 +246,9 @@ def parse_overrides(items: Sequence[str], kind: str = "train") -> dict[str, Any]
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
         if key not in keys:
             which = "decode config key" if kind == "decode" else "config key"
-            raise ExperimentError(f"--set {key}: unknown {which}; valid keys: {', '.join(keys)}")
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.85)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ExperimentError(f"--set {key}: unknown {which}; {hint}valid keys: {', '.join(keys)}")
         out[key] = _coerce(key, parse_value(text))
     return out
 

@@ -223,6 +223,41 @@ def check_data(trials: list[Trial]) -> None:
             raise ExperimentError(f"trial {trial.name}: {exc}") from None
 
 
+def check_init(trials: list[Trial]) -> None:
+    """Check that each local ``train.init_from`` checkpoint fits its trial's model (headers only, no weights)."""
+    from gptcore.checkpoint import META_FILE, CheckpointError, check_fits
+    from gptcore.pretrained import check_compatible, config_from_pretrained
+
+    seen = set()
+    for trial in trials:
+        source, model = trial.job.train.init_from, trial.job.model
+        path = Path(source).expanduser()
+        local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+        if source == "scratch" or not local or (source, model) in seen:
+            continue  # a Hugging Face model id is downloaded by the trial
+        seen.add((source, model))
+        try:
+            if (path / META_FILE).is_file():
+                check_fits(path, model)
+            else:
+                check_compatible(model, config_from_pretrained(source), source)
+        except CheckpointError as exc:
+            raise ExperimentError(f"trial {trial.name}: train.init_from: {exc}") from None
+
+
+def check_local_gpu(use_gpu: bool | str, address: str | None, wait_for_resources: bool = False) -> None:
+    """A local Ray has this machine's GPUs: ``use_gpu`` without one fails before Ray starts, not after."""
+    if use_gpu is not True or address or os.environ.get("RAY_ADDRESS") or wait_for_resources:
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise SweepError(
+            "use_gpu is set but this machine has no GPU (and a local Ray only has this machine's); "
+            "run with --use-gpu no or auto to train on CPU, or join a GPU cluster with --address"
+        )
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -325,12 +360,15 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
             plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
         else:
             check_data(plan.trials)
+            check_init(plan.trials)
+        check_local_gpu(plan.use_gpu, options.address, wait_for_resources)
         sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
-        tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
         connect_ray(options.address)
-        try:
-            settings = _start(tracker, experiment, options, plan, sweep_id, storage, wait_for_resources)
+        try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
+            use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+            tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
+            settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
             specs = _create_trial_runs(tracker, settings, plan.trials)
             write_json(_join(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
         except BaseException:
@@ -364,9 +402,8 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
     )
 
 
-def _start(tracker, experiment, options, plan, sweep_id, storage, wait_for_resources) -> SweepSettings:
-    """Resolve resources and create the sweep's parent run."""
-    use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool) -> SweepSettings:
+    """Create the sweep's parent run; ``use_gpu`` is already resolved against the cluster."""
     commit = git_commit(options.workdir)
     parent = tracker.parent_run(
         sweep_id,

@@ -123,6 +123,9 @@ def _quote(value: str) -> str:
 # --------------------------------------------------------------------------- sweep and trial runs
 
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 class SweepTracker:
     """Creates (or, on resume, finds) the sweep's parent run and its trials' child runs."""
 
@@ -140,7 +143,8 @@ class SweepTracker:
                     self.client.restore_experiment(existing.experiment_id)
                 return existing.experiment_id
             location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
-            return self.client.create_experiment(name, artifact_location=location)
+            # The UI opens a "model training" experiment on its runs table (not on the GenAI traces overview).
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException as exc:
             raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {exc}") from None
 

@@ -1,0 +1,196 @@
+"""Every experiment file of ``experiments/`` end to end with a tiny ``--set`` override, then the MLflow UI.
+
+The studies share one Ray cluster (``ray start --head``, token auth, 2 CPUs) that each ``run`` joins with
+``--address``, and one MLflow store in the work folder, as a user's machine would. The decoding sweep samples
+from the best checkpoint of the stride sweep run before it (``best:stride_sweep``). The warm start arm loads a
+randomly initialised Hugging Face GPT-2 of the ``micro`` shape saved by the test (no downloads here).
+Finally ``python -m orchestrator ui`` serves the store and headless Chromium (Playwright) opens it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.servers import free_port, ray_cluster, stop
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+TINY = ["model.preset=micro", "train.max_steps=4", "train.eval_every=2", "train.eval_iters=1"]
+TINY += ["train.sample_every=4", "train.sample_max_new_tokens=4"]
+# experiment -> extra --set items (a grid axis narrowed with a list keeps the sweep small)
+STUDIES: dict[str, list[str]] = {
+    "stride_sweep": [],
+    "posemb_sweep": ['model.pos_emb=["sinusoidal","rope"]'],
+    "freeze_embeddings": [],
+    "lr_sweep": ["train.lr=[1e-4,5e-4]"],
+    "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
+    "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=[1e-4,5e-4]"],
+}
+DECODE = ["decode.temperature=[0.7,1.5]", "decode.num_samples=2", "decode.max_new_tokens=8"]
+
+
+def tiny_hf_gpt2(folder: Path) -> Path:
+    """A randomly initialised Hugging Face GPT-2 of the micro preset's shape, saved as a local folder."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, n_positions=32, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+def run(work: Path, experiment: str, sets: list[str], env: dict[str, str], address: str) -> tuple[int, str]:
+    args = [sys.executable, "-m", "orchestrator", "run", str(REPO / "experiments" / f"{experiment}.py")]
+    args += ["--address", address, *[a for item in sets for a in ("--set", item)]]
+    proc = subprocess.run(args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """Run every study (decoding last) on one cluster; yields (work folder, {experiment: (exit code, output)})."""
+    work = tmp_path_factory.mktemp("studies")
+    hf = tiny_hf_gpt2(work / "hf-gpt2-micro")
+    outcomes = {}
+    with ray_cluster(work, workers=0, head_cpus=2) as cluster:
+        for name, extra in STUDIES.items():
+            sets = TINY + [item.format(hf=hf) for item in extra]
+            outcomes[name] = run(work, name, sets, cluster.env, cluster.address)
+        outcomes["decoding_sweep"] = run(work, "decoding_sweep", DECODE, cluster.env, cluster.address)
+    return work, outcomes
+
+
+def sweep_runs(work: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, parent, {k.data.tags["orchestrator.trial"]: k for k in kids}
+
+
+def test_every_experiment_file_is_exercised():
+    assert sorted([*STUDIES, "decoding_sweep"]) == sorted(p.stem for p in (REPO / "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("experiment", [*STUDIES, "decoding_sweep"])
+def test_study_runs_end_to_end(studies, experiment):
+    work, outcomes = studies
+    rc, out = outcomes[experiment]
+    assert rc == 0, out[-5000:]
+    assert f"Results of sweep {experiment}-" in out
+    client, parent, kids = sweep_runs(work, experiment)
+    assert parent.info.status == "FINISHED" and len(kids) >= 2
+    for name, kid in kids.items():
+        assert kid.data.tags["orchestrator.status"] == "finished", name
+    artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
+    assert "report/results.md" in artifacts and any(a.endswith(".png") for a in artifacts)
+
+
+def test_frozen_embeddings_train_fewer_parameters(studies):
+    work, _ = studies
+    _, _, kids = sweep_runs(work, "freeze_embeddings")
+    trainable = {k: v.data.metrics["params_trainable"] for k, v in kids.items()}
+    total = {k: v.data.metrics["params_total"] for k, v in kids.items()}
+    frozen, trained = trainable["001_freeze_token_embeddings=True"], trainable["000_freeze_token_embeddings=False"]
+    assert trained == total["000_freeze_token_embeddings=False"]
+    assert trained - frozen == 50257 * 32  # the token embedding table of the micro preset
+
+
+def test_warm_arm_starts_from_the_pretrained_weights(studies):
+    work, _ = studies
+    _, _, kids = sweep_runs(work, "warmstart_vs_scratch")
+    (warm,) = [k for name, k in kids.items() if "scratch" not in name]
+    scratch = kids["001_init_from=scratch"]
+    assert warm.data.tags["init_from"].endswith("hf-gpt2-micro") and scratch.data.tags["init_from"] == "scratch"
+    assert any(key.startswith("init.") for key in warm.data.tags)  # the load report
+
+
+def test_decoding_sweep_logs_diversity_and_samples(studies):
+    work, outcomes = studies
+    client, _, kids = sweep_runs(work, "decoding_sweep")
+    assert len(kids) == 4  # 2 temperatures x top-k 40 / None
+    for name, kid in kids.items():
+        m = kid.data.metrics
+        assert 0 < m["distinct_1"] <= 1 and 0 < m["distinct_2"] <= 1 and 0 <= m["repetition_rate"] <= 1, name
+        assert math.isfinite(m["self_perplexity"]) and m["self_perplexity"] > 1, name
+        assert "/stride_sweep-" in kid.data.tags["checkpoint"]  # best:stride_sweep, resolved
+        path = client.download_artifacts(kid.info.run_id, "samples.txt", str(work / "dl" / name))
+        assert Path(path).read_text().count("Every effort moves you") == 2
+    assert "distinct-2" in outcomes["decoding_sweep"][1] and "self ppl" in outcomes["decoding_sweep"][1]
+
+
+# --------------------------------------------------------------------------- the MLflow UI, as a user sees it
+
+
+@contextlib.contextmanager
+def mlflow_ui(work: Path):
+    port = free_port()
+    log = (work / "ui.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "ui", "--port", str(port)],
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        import urllib.request
+
+        while True:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (work / "ui.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+        log.close()
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Chromium is not installed: `make test` installs Debian's chromium (or: apt install chromium)")
+    return path
+
+
+def test_mlflow_ui_shows_the_sweep_in_headless_chromium(studies):
+    from playwright.sync_api import expect, sync_playwright
+
+    work, _ = studies
+    _, parent, kids = sweep_runs(work, "stride_sweep")
+    child = kids["000_stride=256"]
+    experiment_id = parent.info.experiment_id
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with mlflow_ui(work) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        # The experiment's runs table ("Model training" view): the sweep's parent run, expanded to its trials.
+        page.goto(f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+        row = page.get_by_role("row").filter(has_text=parent.info.run_name)
+        expect(row).to_be_visible(timeout=60_000)
+        row.locator('[col-id="attributes.`Run Name`"]').locator("button, [role=button]").first.click()
+        for name in kids:
+            expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_ui_sweep.png"), full_page=True)
+        # A trial's page: its parent, params and metrics.
+        page.goto(f"{url}/#/experiments/{experiment_id}/runs/{child.info.run_id}?workflowType=machine_learning")
+        expect(page.get_by_text(parent.info.run_name).first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("val_loss").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_ui_run.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "mlflow_ui_run.png").stat().st_size > 10_000
