@@ -8,15 +8,16 @@ checkpoint at checkpoint points.
 from __future__ import annotations
 
 import math
-import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
+from ray.train import CheckpointUploadMode
 
 from gptcore.train import Hooks, TrainContext, TrainResult, TrainState
 from orchestrator.tracking import STATUS_TAG, RunLogger
@@ -66,16 +67,29 @@ class RayReporter(Hooks):
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:
         self.last = {**metrics, **self._progress(ctx, state)}
-        checkpoint_dir = None
-        if save is not None and ctx.is_main:
-            checkpoint_dir = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
-            save(checkpoint_dir / "checkpoint")
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir / "checkpoint")) if checkpoint_dir else None
-        try:
-            ray.train.report(dict(self.last), checkpoint=checkpoint)
-        finally:
-            if checkpoint_dir:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if save is None:
+            ray.train.report(dict(self.last))
+            return
+        name = f"checkpoint_{state.step:07d}"
+        storage = ray.train.get_context().get_storage()
+        if isinstance(storage.storage_filesystem, pafs.LocalFileSystem):
+            # Local or NFS storage: rank 0 writes the checkpoint in place (atomically), nothing is copied.
+            checkpoint = None
+            if ctx.is_main:
+                path = storage.build_checkpoint_path_from_name(name)
+                save(Path(path))
+                checkpoint = ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
+            mode = CheckpointUploadMode.NO_UPLOAD
+        else:
+            # Object storage: written locally, uploaded in the background while training goes on (Ray deletes
+            # the local copy once uploaded).
+            checkpoint = None
+            if ctx.is_main:
+                local = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
+                save(local)
+                checkpoint = ray.train.Checkpoint.from_directory(str(local))
+            mode = CheckpointUploadMode.ASYNC
+        ray.train.report(dict(self.last), checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
 
     def on_train_end(self, ctx, state, result: TrainResult) -> None:
         final = {

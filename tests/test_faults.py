@@ -188,7 +188,8 @@ def killed_worker_sweep(tmp_path_factory):
 def test_killed_worker_resumes_from_its_checkpoint(killed_worker_sweep):
     _, rc, out, resumed, client = killed_worker_sweep
     assert rc == 0, out[-4000:]
-    assert resumed in (40, 60, 80), resumed  # the latest checkpoint when the worker died
+    # the latest checkpoint Ray had registered when the worker died (step 40's may still be on its way)
+    assert resumed in (20, 40, 60, 80), resumed
     run = children(client)["000_lr=0.0004"]
     assert run.data.tags["resumed_from_step"] == str(resumed)
     assert run.data.tags["orchestrator.status"] == "finished" and run.info.status == "FINISHED"

@@ -39,7 +39,7 @@ STUDIES: dict[str, list[str]] = {
     "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
     "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=[1e-4,5e-4]"],
 }
-DECODE = ["decode.temperature=[0.7,1.5]", "decode.num_samples=2", "decode.max_new_tokens=8"]
+DECODE = ["decode.temperature=[0.7,1.5]", "decode.top_k=40", "decode.num_samples=2", "decode.max_new_tokens=8"]
 
 
 def tiny_hf_gpt2(folder: Path) -> Path:
@@ -120,7 +120,7 @@ def test_warm_arm_starts_from_the_pretrained_weights(studies):
 def test_decoding_sweep_logs_diversity_and_samples(studies):
     work, outcomes = studies
     client, _, kids = sweep_runs(work, "decoding_sweep")
-    assert len(kids) == 4  # 2 temperatures x top-k 40 / None
+    assert len(kids) == 2  # 2 temperatures, top-k 40
     for name, kid in kids.items():
         m = kid.data.metrics
         assert 0 < m["distinct_1"] <= 1 and 0 < m["distinct_2"] <= 1 and 0 <= m["repetition_rate"] <= 1, name
