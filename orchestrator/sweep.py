@@ -324,6 +324,18 @@ def resolve_gpu(use_gpu: bool | str, wait_for_resources: bool = False) -> bool:
     return bool(use_gpu)
 
 
+def check_cpus(cpus_per_worker: float, wait_for_resources: bool = False) -> None:
+    """A worker asking for more CPUs than any node has would wait forever: refuse it, unless told to wait."""
+    import ray
+
+    most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if cpus_per_worker > most and not wait_for_resources:
+        raise SweepError(
+            f"each Ray Train worker asks for {cpus_per_worker:g} CPUs but the largest node of the Ray cluster has "
+            f"{most:g}; pass --cpus-per-worker {max(int(most), 1)}, or --wait-for-resources if larger nodes autoscale"
+        )
+
+
 # --------------------------------------------------------------------------- the sweep
 
 
@@ -367,6 +379,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         connect_ray(options.address)
         try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
             use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+            check_cpus(plan.cpus_per_worker, wait_for_resources)
             tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
             settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
             specs = _create_trial_runs(tracker, settings, plan.trials)

@@ -28,7 +28,7 @@ from gptcore.config import JobConfig
 from gptcore.model import GPT
 from orchestrator.cli import main
 from orchestrator.experiment import expand_trials, load_experiment
-from orchestrator.sweep import SweepError, check_init, check_local_gpu, resolve_gpu
+from orchestrator.sweep import SweepError, check_cpus, check_init, check_local_gpu, resolve_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,6 +266,18 @@ def test_use_gpu_on_a_cluster_without_gpus(monkeypatch):
     assert resolve_gpu(True, wait_for_resources=True) is True and resolve_gpu("auto") is False
     check_local_gpu(True, "10.0.0.5:6379")  # a cluster's GPUs are not this machine's
     check_local_gpu(True, None, wait_for_resources=True)
+
+
+def test_more_cpus_per_worker_than_any_node_has(monkeypatch):
+    """A worker that no node can hold would wait forever: refused with the fix, unless --wait-for-resources."""
+    import ray
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    with pytest.raises(SweepError, match="asks for 4 CPUs but the largest node of the Ray cluster has 2; pass "):
+        check_cpus(4)
+    check_cpus(2)
+    check_cpus(4, wait_for_resources=True)
 
 
 # --------------------------------------------------------------------------- security
