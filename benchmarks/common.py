@@ -1,0 +1,203 @@
+"""Shared pieces of the benchmark scripts: one side per subprocess, timing, tables, the machine, shapes.
+
+A script measures each side (ours, the reference) in a fresh Python process started with ``--side``:
+process-wide settings one side makes (malloc tuning, thread pools, allocator caches) cannot leak
+into the other. A side prints one ``BENCH_RESULT {json}`` line; the parent collects it with
+`run_side`. Every script ends with ``BENCH_SUMMARY {json}`` lines that ``run_all.py`` tabulates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = "BENCH_RESULT "
+SUMMARY = "BENCH_SUMMARY "
+
+#: The book's GPT_CONFIG_124M with a 256-token context (chapter 5's training setting).
+BOOK_CONFIG: dict[str, Any] = {
+    "vocab_size": 50257,
+    "context_length": 256,
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+#: gptcore's model section for the same shapes: gpt2-small, context 256, no QKV bias, untied head.
+OUR_MODEL: dict[str, Any] = {
+    "preset": "gpt2-small",
+    "context_length": 256,
+    "qkv_bias": False,
+    "tie_weights": False,
+    "init_scheme": "torch",
+}
+
+
+# --------------------------------------------------------------------------- sides
+
+
+def emit(payload: dict[str, Any], prefix: str = RESULT) -> None:
+    """Print one machine-readable line for the parent process."""
+    print(prefix + json.dumps(payload), flush=True)
+
+
+def parse_lines(output: str, prefix: str) -> list[dict[str, Any]]:
+    """Every ``prefix {json}`` payload in ``output``, in order."""
+    return [json.loads(line[len(prefix) :]) for line in output.splitlines() if line.startswith(prefix)]
+
+
+def run_side(script: str | Path, args: Sequence[str], *, timeout: float = 900.0) -> dict[str, Any]:
+    """Run ``python script *args`` in a fresh process; its last ``BENCH_RESULT`` plus ``process_s``."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    wall = time.perf_counter() - start
+    results = parse_lines(proc.stdout, RESULT)
+    if proc.returncode != 0 or not results:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+    return {**results[-1], "process_s": wall}
+
+
+def summary(bench: str, figure: str, goal: str, met: bool | None) -> None:
+    """The line `run_all.py` tabulates: one figure against its goal (``met=None``: not measured)."""
+    emit({"bench": bench, "figure": figure, "goal": goal, "met": met}, SUMMARY)
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def random_batch(batch_size: int, context: int, device: Any = "cpu", vocab_size: int = 50257) -> tuple[Any, Any]:
+    """Inputs and next-token targets (``batch_size``, ``context``) of seeded random token ids."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (batch_size, context + 1), generator=g).to(device)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def our_step(
+    model: Any, optimizer: Any, batch: tuple[Any, Any], dtype: Any, grad_clip: float = 0.0
+) -> Callable[[], None]:
+    """One optimizer step as `gptcore.train.train` takes it (autocast, `lm_loss`, optional clipping)."""
+    import torch
+
+    from gptcore.train import autocast, lm_loss
+
+    x, y = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with autocast(x.device, dtype):
+            loss = lm_loss(model(x), y)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def book_step(model: Any, optimizer: Any, batch: tuple[Any, Any]) -> Callable[[], None]:
+    """One step of the book's ``train_model_simple`` (its `calc_loss_batch`, fp32)."""
+    from llms_from_scratch.ch05 import calc_loss_batch
+
+    x, y = batch
+
+    def step() -> None:
+        optimizer.zero_grad()
+        calc_loss_batch(x, y, model, x.device).backward()
+        optimizer.step()
+
+    return step
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_calls(fn: Callable[[], object], *, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def ratio(ours: float, ref: float) -> float:
+    return ours / ref if ref else float("nan")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table with aligned columns."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def machine() -> str:
+    """CPU model, cores, memory, bf16 support, torch version and load average of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    bf16 = "AVX-512 bf16" if torch.cpu._is_avx512_bf16_supported() else "no native bf16"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {bf16}{gpu}, torch {torch.__version__}{load}"
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident set size of this process, from /proc/self/status (Linux)."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def size(n: float) -> str:
+    """Bytes in KiB, MiB or GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
