@@ -209,7 +209,7 @@ def plot_diversity_vs_perplexity(results: list[TrialResult], path: Path, title: 
             point = (r.self_perplexity, r.distinct_2)
             ax.scatter(*point)
             ax.annotate(r.name, point, fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="self-perplexity of the samples", ylabel="distinct-2", title=title)
+    ax.set(xlabel="self-perplexity of the samples (log scale)", ylabel="distinct-2", title=title, xscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -53,7 +53,7 @@ def tiny_hf_gpt2(folder: Path) -> Path:
 
 def run(work: Path, experiment: str, sets: list[str], env: dict[str, str], address: str) -> tuple[int, str]:
     args = [sys.executable, "-m", "orchestrator", "run", str(REPO / "experiments" / f"{experiment}.py")]
-    args += ["--address", address, *[a for item in sets for a in ("--set", item)]]
+    args += ["--address", address, "--cpus-per-worker", "1", *[a for item in sets for a in ("--set", item)]]
     proc = subprocess.run(args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
     return proc.returncode, proc.stdout + proc.stderr
 
