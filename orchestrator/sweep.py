@@ -33,6 +33,7 @@ from orchestrator.tracking import (
     default_artifact_root,
     default_tracking_uri,
     git_commit,
+    mlflow_status,
 )
 from orchestrator.trial import join_uri, run_trial
 
@@ -417,7 +418,8 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
 
 def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool) -> SweepSettings:
     """Create the sweep's parent run; ``use_gpu`` is already resolved against the cluster."""
-    commit = git_commit(options.workdir)
+    # the commit of the repository holding the experiment file (else of the working directory)
+    commit = git_commit(Path(options.experiment_file).parent if options.experiment_file else options.workdir)
     parent = tracker.parent_run(
         sweep_id,
         params={
@@ -547,7 +549,8 @@ def _reconcile(tracker: SweepTracker, settings: SweepSettings, grid, names: list
             for key, value in {**tags, STATUS_TAG: "interrupted"}.items():
                 tracker.client.set_tag(run.info.run_id, key, value)
             tracker.client.set_terminated(run.info.run_id, "KILLED")
-        elif run.data.tags.get(STATUS_TAG) in (None, "running") or tags:
+        elif run.data.tags.get(STATUS_TAG) != status or run.info.status != mlflow_status(status) or tags:
+            # e.g. a trial that finished in a resumed sweep whose driver was then killed before it got here
             tracker.finish(run.info.run_id, status, tags)
     return statuses
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 ROLE_TAG = "orchestrator.role"  # "sweep" | "trial"
@@ -198,8 +198,12 @@ class SweepTracker:
         for key, value in (tags or {}).items():
             self.client.set_tag(run_id, key, value)
         self.client.set_tag(run_id, STATUS_TAG, status)
-        mlflow_status = {"finished": "FINISHED", "diverged": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(mlflow_status)))
+        self.client.set_terminated(run_id, mlflow_status(status))
+
+
+def mlflow_status(status: str) -> str:
+    """The MLflow run status of an outcome (finished, diverged, stopped, failed)."""
+    return {"finished": "FINISHED", "diverged": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
 
 
 def _param(value: Any) -> str:

@@ -166,10 +166,10 @@ def test_checkpoint_survives_a_writer_killed_mid_save(tmp_path):
 def killed_worker_sweep(tmp_path_factory):
     """Trial 000 has its Ray Train worker SIGKILLed after its step-40 checkpoint; trial 001 (lr 1e6) diverges."""
     work = tmp_path_factory.mktemp("killed_worker")
-    write_experiment(work, steps=200, every=20, grid='{"train.lr": grid(4e-4, 1e6)}')
+    write_experiment(work, steps=120, every=20, grid='{"train.lr": grid(4e-4, 1e6)}')
     cli = Cli(["run", "faults.py"], work)
     try:
-        match = cli.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+\[000_lr=0.0004\] step 40/200")
+        match = cli.wait_for(r"RayTrainWorker pid=(\d+)\)\S*\s+\[000_lr=0.0004\] step 40/120")
         victim = psutil.Process(int(match.group(1)))
         assert "RayTrainWorker" in " ".join(victim.cmdline()) and victim in psutil.Process(cli.proc.pid).children(
             recursive=True
@@ -194,10 +194,10 @@ def test_killed_worker_resumes_from_its_checkpoint(killed_worker_sweep):
     assert run.data.tags["resumed_from_step"] == str(resumed)
     assert run.data.tags["orchestrator.status"] == "finished" and run.info.status == "FINISHED"
     # every step logged exactly once, none lost around the crash
-    assert steps_of(client, run.info.run_id) == list(range(1, 201))
+    assert steps_of(client, run.info.run_id) == list(range(1, 121))
     tokens = client.get_metric_history(run.info.run_id, "tokens_seen")
-    assert sorted((m.step, m.value) for m in tokens) == [(s, s * TOKENS_PER_STEP) for s in range(1, 201)]
-    assert steps_of(client, run.info.run_id, "val_loss") == list(range(20, 201, 20))
+    assert sorted((m.step, m.value) for m in tokens) == [(s, s * TOKENS_PER_STEP) for s in range(1, 121)]
+    assert steps_of(client, run.info.run_id, "val_loss") == list(range(20, 121, 20))
     best = run.data.tags["best_checkpoint"]
     assert load_checkpoint(best).state.step % 20 == 0
     assert_generates(best)
@@ -213,7 +213,7 @@ def test_diverging_trial_stops_early_and_the_others_finish(killed_worker_sweep):
     run = children(client)["001_lr=1e+06"]
     assert run.data.tags["orchestrator.status"] == "diverged"
     losses = client.get_metric_history(run.info.run_id, "loss")
-    assert len(losses) < 200 and not math.isfinite(max(losses, key=lambda m: m.step).value)
+    assert len(losses) < 120 and not math.isfinite(max(losses, key=lambda m: m.step).value)
 
 
 # --------------------------------------------------------------------------- an interrupted driver
@@ -302,14 +302,14 @@ def test_tracking_server_lost_mid_run(tmp_path):
     reported on the run."""
     from tests.servers import free_port, mlflow_server
 
-    write_experiment(tmp_path, steps=300, every=50, grid='{"train.lr": grid(4e-4)}')
+    write_experiment(tmp_path, steps=200, every=50, grid='{"train.lr": grid(4e-4)}')
     port, server_dir = free_port(), tmp_path / "server"
     server_dir.mkdir()
     with contextlib.ExitStack() as stack:
         uri = stack.enter_context(mlflow_server(server_dir, port))
         cli = Cli(["run", "faults.py", "--tracking-uri", uri], tmp_path)
         try:
-            cli.wait_for(r"\[000_lr=0.0004\] 300 steps")
+            cli.wait_for(r"\[000_lr=0.0004\] 200 steps")
             time.sleep(1.0)
             stack.close()  # the server is gone
             cli.wait_for(r"tracking store unreachable", timeout=60)
@@ -324,5 +324,5 @@ def test_tracking_server_lost_mid_run(tmp_path):
         client = MlflowClient(uri)
         run = children(client)["000_lr=0.0004"]
         assert run.data.tags["orchestrator.status"] == "finished"
-        assert steps_of(client, run.info.run_id) == list(range(1, 301))  # buffered during the outage, none lost
+        assert steps_of(client, run.info.run_id) == list(range(1, 201))  # buffered during the outage, none lost
         assert "none lost" in run.data.tags["tracking_gap"]

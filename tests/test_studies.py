@@ -10,6 +10,7 @@ Finally ``python -m orchestrator ui`` serves the store and headless Chromium (Pl
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -129,6 +130,89 @@ def test_decoding_sweep_logs_diversity_and_samples(studies):
         path = client.download_artifacts(kid.info.run_id, "samples.txt", str(work / "dl" / name))
         assert Path(path).read_text().count("Every effort moves you") == 2
     assert "distinct-2" in outcomes["decoding_sweep"][1] and "self ppl" in outcomes["decoding_sweep"][1]
+
+
+# --------------------------------------------------------------------------- the main job's sweep in detail
+
+
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_stride_sweep_tune_trials_and_sweep_state(studies):
+    from ray.tune import ExperimentAnalysis
+
+    work, _ = studies
+    (sweep_dir,) = (work / "ray_results").glob("stride_sweep-*")
+    assert sorted(t.status for t in ExperimentAnalysis(str(sweep_dir)).trials) == ["TERMINATED", "TERMINATED"]
+    settings = json.loads((sweep_dir / "sweep.json").read_text())["settings"]
+    assert settings["tracking_uri"].startswith("sqlite:////") and settings["cpus_per_worker"] == 1
+
+
+def test_child_runs_have_params_tags_and_every_step(studies):
+    work, _ = studies
+    client, parent, kids = sweep_runs(work, "stride_sweep")
+    assert parent.data.tags["orchestrator.status"] == "finished"
+    for name, stride in (("000_stride=256", "256"), ("001_stride=128", "128")):
+        kid = kids[name]
+        assert kid.info.status == "FINISHED" and kid.info.run_name == name
+        params = kid.data.params
+        assert params["data.stride"] == stride and params["grid.data.stride"] == stride
+        assert params["model.d_model"] == "32" and params["train.lr"] == "0.0004" and params["train.seed"] == "123"
+        for tag in ("seed", "experiment_file", "host", "ray_trial_id", "best_checkpoint", "git_commit"):
+            assert kid.data.tags.get(tag), tag
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "loss")] == [1, 2, 3, 4]  # once each
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "val_loss")] == [2, 4]
+        for key in ("lr", "tokens_seen", "tokens_per_sec", "val_perplexity", "train_loss"):
+            assert client.get_metric_history(kid.info.run_id, key), key
+        assert [a.path for a in client.list_artifacts(kid.info.run_id, "samples")] == ["samples/step_000004.txt"]
+        text = Path(client.download_artifacts(kid.info.run_id, "samples/step_000004.txt", str(work / "dl"))).read_text()
+        assert text.startswith("Every effort moves you")
+        assert "loss_curve.png" in [a.path for a in client.list_artifacts(kid.info.run_id)]
+
+
+def test_ray_checkpoints_load_into_gptcore_and_sample(studies):
+    from gptcore.checkpoint import load_model
+    from gptcore.sampling import generate_text
+
+    work, _ = studies
+    _, _, kids = sweep_runs(work, "stride_sweep")
+    for kid in kids.values():
+        best = Path(kid.data.tags["best_checkpoint"])
+        assert best.is_dir() and str(best).startswith(str(work / "ray_results"))
+        model, ckpt = load_model(best)
+        assert ckpt.state.step == 4 and ckpt.config.model.d_model == 32
+        assert generate_text(model, "Every effort moves you", 5)[0].startswith("Every effort moves you")
+    proc = cli(["sample", kids["000_stride=256"].data.tags["best_checkpoint"], "--max-new-tokens", "5"], work)
+    assert proc.stdout.startswith("Every effort moves you")
+
+
+def test_report_verb_reads_mlflow(studies):
+    work, _ = studies
+    cli(["report", str(REPO / "experiments" / "stride_sweep.py"), "--out", "report"], work)
+    assert (work / "report" / "results.md").read_text().count("| 000_stride=256 |") == 1
+    assert (work / "report" / "train_vs_val.png").stat().st_size > 1000
+
+
+def test_export_verb_writes_a_transformers_folder(studies):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from gptcore.checkpoint import load_model
+
+    work, _ = studies
+    _, _, kids = sweep_runs(work, "stride_sweep")
+    checkpoint = kids["000_stride=256"].data.tags["best_checkpoint"]
+    cli(["export", checkpoint, "hf_model"], work)
+    hf = GPT2LMHeadModel.from_pretrained(work / "hf_model").eval()
+    model, _ = load_model(checkpoint)
+    tokens = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(tokens).logits, model(tokens), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- the MLflow UI, as a user sees it
