@@ -1,19 +1,22 @@
 """The seed's reference run in plain gptcore (no Ray, no MLflow): prints the loss curve and wall time.
 
-the-verdict, gpt2-small shape with context 256 (the book's variant: no QKV bias, untied head),
-stride 256, batch 2, AdamW lr 4e-4 (betas 0.9/0.999), weight decay 0.1, constant LR, no clipping,
-10 epochs, evaluation every 5 steps over 5 batches, seed 123.
+The stride-256 trial of `experiments/stride_sweep.py` (the book's chapter-5 run: the-verdict, gpt2-small shape
+with context 256, no QKV bias, untied head, batch 2, AdamW lr 4e-4, betas 0.9/0.999, weight decay 0.1, constant
+LR, no clipping, 10 epochs, evaluation every 5 steps over 5 batches, seed 123), read from that file so the two
+cannot drift apart, trained by `gptcore.train.train` alone.
 
-    python benchmarks/reference_run.py [--precision auto|fp32]
+    python benchmarks/reference_run.py [--precision auto|fp32] [--init torch|gpt2]
 """
 
 import argparse
 import time
+from pathlib import Path
 
-from gptcore.config import JobConfig
 from gptcore.train import HookList, Hooks, PrintProgress, train
+from orchestrator.experiment import expand_trials, load_experiment
 
 BOOK = {"final_train_loss": 0.569, "final_val_loss": 6.373, "best_val_loss": 6.123}
+STRIDE_SWEEP = Path(__file__).resolve().parents[1] / "experiments" / "stride_sweep.py"
 
 
 class Curve(Hooks):
@@ -29,32 +32,14 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--init", default="torch", help="torch (the book's) or gpt2")
     args = parser.parse_args()
-    config = JobConfig.from_dict(
-        {
-            "model": {
-                "preset": "gpt2-small",
-                "context_length": 256,
-                "qkv_bias": False,
-                "tie_weights": False,
-                "init_scheme": args.init,
-            },
-            "data": {"corpus": "the-verdict", "stride": 256},
-            "train": {
-                "batch_size": 2,
-                "lr": 4e-4,
-                "weight_decay": 0.1,
-                "beta2": 0.999,
-                "lr_schedule": "constant",
-                "grad_clip": 0.0,
-                "epochs": 10,
-                "eval_every": 5,
-                "eval_iters": 5,
-                "seed": 123,
-                "sample_every": 0,
-                "precision": args.precision,
-            },
-        }
-    )
+    overrides = {
+        "data.stride": 256,
+        "model.init_scheme": args.init,
+        "train.sample_every": 0,
+        "train.precision": args.precision,
+    }
+    (trial,) = expand_trials(load_experiment(STRIDE_SWEEP), overrides)
+    config = trial.job
     curve = Curve()
     start = time.perf_counter()
     result = train(config, HookList(PrintProgress(), curve))
