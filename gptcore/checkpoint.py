@@ -18,6 +18,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,77 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return rng
 
 
+@dataclass
+class Snapshot:
+    """A checkpoint held in host memory, ready to be written by `write_snapshot`."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]  # optimizer moments and RNG states
+    meta: dict[str, Any]
+
+
+def _host(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    """``tensor`` on the CPU; a copy of it when ``copy`` (training goes on updating the original in place)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        return tensor.to("cpu")  # always a copy
+    return tensor.clone(memory_format=torch.contiguous_format) if copy else tensor.contiguous()
+
+
+def take_snapshot(
+    *,
+    model: torch.nn.Module,
+    config: JobConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
+    copy: bool = True,
+) -> Snapshot:
+    """Everything a checkpoint holds, as of now. ``copy=False`` shares CPU tensors (only for an immediate write)."""
+    tensors = {k: _host(v, copy) for k, v in model_state_dict(model).items()}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict(),
+        "state": state.to_dict(),
+        "extra": extra or {},
+    }
+    opt_tensors = _rng_tensors()
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        meta["optimizer"] = {"param_groups": sd["param_groups"], "scalars": {}}
+        for idx, slots in sd["state"].items():
+            for name, value in slots.items():
+                if torch.is_tensor(value):
+                    opt_tensors[f"state.{idx}.{name}"] = _host(value, copy)
+                else:
+                    meta["optimizer"]["scalars"][f"{idx}.{name}"] = value
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+    return Snapshot(model=tensors, optimizer=opt_tensors, meta=meta)
+
+
+def write_snapshot(snapshot: Snapshot, path: str | Path) -> Path:
+    """Write ``snapshot`` as a checkpoint folder at ``path`` atomically (replacing an existing one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        save_file(snapshot.model, tmp / MODEL_FILE)
+        save_file(snapshot.optimizer, tmp / OPTIMIZER_FILE)
+        meta = {**snapshot.meta, "files": {name: (tmp / name).stat().st_size for name in (MODEL_FILE, OPTIMIZER_FILE)}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        for name in (MODEL_FILE, OPTIMIZER_FILE, META_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -107,43 +180,42 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (replacing an existing one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        tensors = {k: v.cpu() for k, v in model_state_dict(model).items()}
-        save_file(tensors, tmp / MODEL_FILE)
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "version": VERSION,
-            "config": config.to_dict(),
-            "state": state.to_dict(),
-            "extra": extra or {},
-        }
-        opt_tensors = _rng_tensors()
-        if optimizer is not None:
-            sd = optimizer.state_dict()
-            meta["optimizer"] = {"param_groups": sd["param_groups"], "scalars": {}}
-            for idx, slots in sd["state"].items():
-                for name, value in slots.items():
-                    if torch.is_tensor(value):
-                        opt_tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
-                    else:
-                        meta["optimizer"]["scalars"][f"{idx}.{name}"] = value
-        if scaler is not None and scaler.is_enabled():
-            meta["scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
-        save_file(opt_tensors, tmp / OPTIMIZER_FILE)
-        meta["files"] = {name: (tmp / name).stat().st_size for name in (MODEL_FILE, OPTIMIZER_FILE)}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        for name in (MODEL_FILE, OPTIMIZER_FILE, META_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    """Write a checkpoint folder at ``path`` atomically (replacing an existing one), now."""
+    snapshot = take_snapshot(
+        model=model, config=config, state=state, optimizer=optimizer, scaler=scaler, extra=extra, copy=False
+    )
+    return write_snapshot(snapshot, path)
+
+
+class CheckpointWriter:
+    """Writes snapshots on one background thread, so training goes on while a checkpoint reaches the disk.
+
+    At most one write is in flight: `submit` first waits for the previous one, which bounds the extra
+    host memory to one snapshot. `close` waits for the last write and raises its error, if any.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[Path] | None = None
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def submit(self, take: Callable[[], Snapshot], path: str | Path) -> Future[Path]:
+        """Wait for the previous write, take a snapshot now (``take()``), and write it to ``path`` in the background."""
+        self.wait()
+        snapshot = take()
+        self._pending = self._pool.submit(write_snapshot, snapshot, path)
+        return self._pending
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -205,7 +205,7 @@ class TrainConfig:
     sample_max_new_tokens: int = 50
     sample_temperature: float = 0.0  # 0 = greedy
     sample_top_k: int | None = None
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch (and always at the end)
+    checkpoint_every: int = 0  # steps; 0: once an epoch, at the first evaluation from its end (and at the end)
     seed: int = 123
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False

@@ -289,9 +289,18 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader whose order depends only on (seed, epoch); sharded across ``world_size`` ranks.
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch.
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. The loader has its own generator, so
+    iterating it never draws from torch's global one: how often a run evaluates, or where it resumed,
+    does not change the dropout masks of its training steps.
     """
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last and world_size > 1
     )
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, pin_memory=pin_memory)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -42,6 +42,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+# --------------------------------------------------------------------------- dropout and attention
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A boolean mask, True with probability 1 - ``p`` (to 2^-16), from the default generator.
+
+    Each 64-bit random word gives four 16-bit draws: a quarter of the generator calls, and
+    about 4x faster on CPU than ``bernoulli_``, which draws one word per element.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    draws = words.view(torch.int16)[:n].view(shape)  # uniform over [-2^15, 2^15)
+    return draws >= round(p * 65536) - 32768
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; on CPU with the cheaper `keep_mask` (elsewhere ``F.dropout``)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return x.mul(keep_mask(x.shape, p, x.device)).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with dropout on the attention weights.
+
+    ``F.scaled_dot_product_attention`` everywhere but CPU training with dropout, where SDPA
+    takes its fp32 math path anyway; that path is written out here to use `dropout`.
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+    T, S = q.size(-2), k.size(-2)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if is_causal:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = dropout(scores.softmax(dim=-1), dropout_p, training=True)
+    return (weights @ v.float()).to(q.dtype)
+
+
 # --------------------------------------------------------------------------- KV cache
 
 
@@ -77,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -96,9 +157,7 @@ class CausalSelfAttention(nn.Module):
         # No mask needed for one new token attending to the whole cache; a causal mask
         # when queries and keys are the same positions; otherwise the caller's mask.
         is_causal = attn_mask is None and T > 1 and k.size(2) == T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )
+        y = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0, is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -109,7 +168,7 @@ class MLP(nn.Module):
         hidden = config.mlp_ratio * config.d_model
         self.fc = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
@@ -147,7 +206,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(L, config.head_dim, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.emb_dropout = nn.Dropout(config.dropout)
+        self.emb_dropout = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(D, eps=config.layer_norm_eps, bias=config.bias)
         self.head = nn.Linear(D, V, bias=False)

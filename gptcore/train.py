@@ -14,6 +14,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gptcore.checkpoint import (
+    CheckpointWriter,
+    Snapshot,
     TrainState,
     check_resumable,
     load_checkpoint,
     load_model_weights,
     restore_rng,
-    save_checkpoint,
+    take_snapshot,
+    write_snapshot,
 )
 from gptcore.config import JobConfig
 from gptcore.data import SlidingWindowDataset, build_datasets, make_loader
@@ -147,20 +151,35 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     try:
-        for i, (x, y) in enumerate(loader):
-            if i >= eval_iters:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
-                logits = model(x)
-            total += lm_loss(logits, y).item()
-            count += 1
+        with autocast(device, dtype):  # one autocast region: each weight is cast once, not once per batch
+            for i, (x, y) in enumerate(loader):
+                if i >= eval_iters:
+                    break
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                total += lm_loss(model(x), y).item()
+                count += 1
     finally:
         model.train(was_training)
     return _all_reduce_mean(total / max(count, 1), device)
 
 
 # --------------------------------------------------------------------------- hooks
+
+
+class CheckpointSaver:
+    """What hooks get at checkpoint points: ``save(dir)`` writes a checkpoint of the current state now;
+    ``save.start(dir)`` copies the state to host memory and writes it in the background (a `Future` of the path).
+    """
+
+    def __init__(self, take: Callable[[bool], Snapshot], writer: CheckpointWriter):
+        self._take, self._writer = take, writer
+
+    def __call__(self, path: Path) -> Path:
+        self._writer.wait()
+        return write_snapshot(self._take(False), path)
+
+    def start(self, path: Path) -> Future[Path]:
+        return self._writer.submit(lambda: self._take(True), path)
 
 
 @dataclass
@@ -203,7 +222,7 @@ class Hooks:
         state: TrainState,
         metrics: dict[str, float],
         sample: str | None,
-        save: Callable[[Path], Path] | None,
+        save: CheckpointSaver | None,
     ) -> None:
         """After an evaluation. ``save`` is given at checkpoint points: ``save(dir)`` writes one."""
 
@@ -386,8 +405,11 @@ def train(
     )
     hooks.on_train_start(ctx, state)
 
-    def save(path: Path) -> Path:
-        return save_checkpoint(path, model=raw_model, config=config, state=state, optimizer=optimizer, scaler=scaler)
+    def take(copy: bool) -> Snapshot:
+        return take_snapshot(model=raw_model, config=config, state=state, optimizer=optimizer, scaler=scaler, copy=copy)
+
+    writer = CheckpointWriter()
+    save = CheckpointSaver(take, writer)
 
     def run_eval(checkpoint: bool, extra: dict[str, float]) -> dict[str, float]:
         metrics = {
@@ -416,6 +438,7 @@ def train(
     started = time.perf_counter()
     tokens_at_start = state.tokens_seen
     model.train()
+    checkpoint_pending = False
     while state.step < total_steps and state.epoch < t.epochs:
         train_loader.sampler.set_epoch(state.epoch)
         batches = _batches(train_loader, state.batch_in_epoch)
@@ -461,16 +484,24 @@ def train(
                 break
             epoch_end = state.batch_in_epoch >= batches_per_epoch
             last = state.step >= total_steps or (epoch_end and state.epoch + 1 >= t.epochs)
-            checkpoint = last or (epoch_end if t.checkpoint_every == 0 else state.step % t.checkpoint_every == 0)
+            eval_due = bool(t.eval_every) and state.step % t.eval_every == 0
+            if t.checkpoint_every:
+                checkpoint = state.step % t.checkpoint_every == 0
+            else:  # once an epoch, at the first evaluation from the epoch's end on (no extra evaluation)
+                checkpoint_pending = checkpoint_pending or epoch_end
+                checkpoint = checkpoint_pending and (eval_due or not t.eval_every)
+            checkpoint = checkpoint or last
+            checkpoint_pending = checkpoint_pending and not checkpoint
             if epoch_end:  # the saved state points at the start of the next epoch
                 state.epoch += 1
                 state.batch_in_epoch = 0
-            if checkpoint or (t.eval_every and state.step % t.eval_every == 0):
+            if checkpoint or eval_due:
                 metrics = run_eval(checkpoint, {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": lr})
             if epoch_end:
                 break
         if status == "diverged":
             break
+    writer.close()  # every checkpoint written in the background is on disk before the end hooks
     wall = time.perf_counter() - started
     if status == "diverged":
         metrics = {"loss": loss_value, "train_loss": math.nan, "val_loss": math.nan}

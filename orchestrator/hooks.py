@@ -11,6 +11,7 @@ import math
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ import ray.train
 import torch
 from ray.train import CheckpointUploadMode
 
-from gptcore.train import Hooks, TrainContext, TrainResult, TrainState
+from gptcore.train import CheckpointSaver, Hooks, TrainContext, TrainResult, TrainState
 from orchestrator.tracking import STATUS_TAG, RunLogger
 
+UploadFn = Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "epoch")
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices get no MFU rather than a wrong one.
 PEAK_FLOPS = {
@@ -66,30 +68,44 @@ class RayReporter(Hooks):
         }
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:
+        # Reports go through Ray's upload thread in order, so a checkpoint being written never blocks training.
         self.last = {**metrics, **self._progress(ctx, state)}
-        if save is None:
-            ray.train.report(dict(self.last))
-            return
         name = f"checkpoint_{state.step:07d}"
+        checkpoint, upload, delete_local = None, None, False
+        if save is not None and ctx.is_main:
+            checkpoint, upload, delete_local = self._start_checkpoint(save, name)
+        ray.train.report(
+            dict(self.last),
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name if save is not None else None,
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=delete_local,
+            checkpoint_upload_fn=upload,
+        )
+
+    @staticmethod
+    def _start_checkpoint(save: CheckpointSaver, name: str) -> tuple[ray.train.Checkpoint, UploadFn, bool]:
+        """Start writing a checkpoint in the background; Ray's upload thread waits for it, then registers it."""
         storage = ray.train.get_context().get_storage()
         if isinstance(storage.storage_filesystem, pafs.LocalFileSystem):
-            # Local or NFS storage: rank 0 writes the checkpoint in place (atomically), nothing is copied.
-            checkpoint = None
-            if ctx.is_main:
-                path = storage.build_checkpoint_path_from_name(name)
-                save(Path(path))
-                checkpoint = ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
-            mode = CheckpointUploadMode.NO_UPLOAD
-        else:
-            # Object storage: written locally, uploaded in the background while training goes on (Ray deletes
-            # the local copy once uploaded).
-            checkpoint = None
-            if ctx.is_main:
-                local = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
-                save(local)
-                checkpoint = ray.train.Checkpoint.from_directory(str(local))
-            mode = CheckpointUploadMode.ASYNC
-        ray.train.report(dict(self.last), checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
+            # Local or NFS storage: written in place (atomically), nothing is copied.
+            path = storage.build_checkpoint_path_from_name(name)
+            written = save.start(Path(path))
+
+            def in_place(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+                written.result()
+                return checkpoint
+
+            return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem), in_place, False
+        # Object storage: written to a local folder, then uploaded (and the local copy deleted).
+        local = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
+        written = save.start(local)
+
+        def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+            written.result()
+            return storage.persist_current_checkpoint(checkpoint, dir_name)
+
+        return ray.train.Checkpoint.from_directory(str(local)), upload, True
 
     def on_train_end(self, ctx, state, result: TrainResult) -> None:
         final = {

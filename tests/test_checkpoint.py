@@ -5,7 +5,7 @@ import torch
 
 from gptcore.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from gptcore.data import build_datasets, make_loader
-from gptcore.train import LocalCheckpoints, build_model, configure_optimizer, lm_loss, train
+from gptcore.train import Hooks, LocalCheckpoints, build_model, configure_optimizer, lm_loss, train
 
 from .conftest import tiny_job
 
@@ -63,6 +63,32 @@ def test_resume_continues_steps_and_tokens(tmp_path):
     resumed = train(longer, resume_from=tmp_path / "latest")
     assert resumed.state.step == 6
     assert resumed.state.tokens_seen == 6 * 4 * 32
+
+
+class BackgroundSaves(Hooks):
+    """Starts a background write at every checkpoint point and remembers the weights at that moment."""
+
+    def __init__(self, directory):
+        self.directory, self.written = directory, []
+
+    def on_eval(self, ctx, state, metrics, sample, save):
+        if save is not None:
+            weights = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+            self.written.append((state.step, save.start(self.directory / f"step{state.step}"), weights))
+
+
+def test_background_checkpoints_hold_the_state_of_their_step(tmp_path):
+    """Training goes on while a checkpoint is written; each holds its own step's weights, all on disk at the end."""
+    hooks = BackgroundSaves(tmp_path)
+    result = train(tiny_job(train={"max_steps": 6, "eval_every": 2, "checkpoint_every": 2}), hooks)
+    assert [step for step, _, _ in hooks.written] == [2, 4, 6]
+    for step, future, weights in hooks.written:
+        assert future.done() and future.result() == tmp_path / f"step{step}"  # train() waited for every write
+        ckpt = load_checkpoint(tmp_path / f"step{step}")
+        assert ckpt.state.step == step and ckpt.optimizer_state is not None
+        assert all(torch.equal(ckpt.model_state[k], weights[k]) for k in ckpt.model_state)
+    resumed = train(tiny_job(train={"max_steps": 8, "eval_every": 2}), resume_from=tmp_path / "step6")
+    assert resumed.state.step == 8 and result.state.step == 6
 
 
 def make_checkpoint(tmp_path):

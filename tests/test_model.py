@@ -82,3 +82,48 @@ def test_too_long_input_is_refused():
     model = tiny()
     with pytest.raises(ValueError, match="context_length=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_keep_mask_rate_and_seeding():
+    """The cheap CPU dropout mask keeps 1 - p of the elements, uniformly over positions, and follows the seed."""
+    from gptcore.model import keep_mask
+
+    torch.manual_seed(1)
+    mask = keep_mask(torch.Size([400, 1000]), 0.1)
+    assert mask.dtype == torch.bool and mask.shape == (400, 1000)
+    assert abs(mask.float().mean().item() - 0.9) < 0.003
+    lanes = mask.view(-1, 4).float().mean(0)  # each 16-bit lane of the 64-bit words is uniform
+    assert torch.allclose(lanes, torch.full((4,), 0.9), atol=0.005)
+    torch.manual_seed(1)
+    assert torch.equal(keep_mask(torch.Size([400, 1000]), 0.1), mask)
+    assert keep_mask(torch.Size([7]), 0.0).all() and keep_mask(torch.Size([3, 5]), 0.5).shape == (3, 5)
+
+
+def test_dropout_scales_kept_elements_and_its_gradient():
+    from gptcore.model import dropout
+
+    x = torch.ones(50_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.2, training=True)
+    kept = y != 0
+    assert torch.allclose(y[kept], torch.tensor(1.25))
+    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx is the same scaled mask
+    assert dropout(x, 0.2, training=False) is x
+
+
+def test_cpu_attention_with_dropout_matches_sdpa_without_it():
+    """The written-out CPU attention (used when training with dropout) is SDPA's math, causal or masked."""
+    from gptcore.model import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ones = torch.ones(6, dtype=torch.bool)
+    # p -> 0 keeps every weight: the same numbers as SDPA
+    assert torch.allclose(attention(q, k, v, None, 1e-9, True), sdpa(q, k, v, is_causal=True), atol=1e-6)
+    mask = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & ones
+    assert torch.allclose(attention(q, k, v, mask, 1e-9, False), sdpa(q, k, v, attn_mask=mask), atol=1e-6)
+    dropped = attention(q, k, v, None, 0.5, True)
+    assert dropped.shape == q.shape and not torch.allclose(dropped, sdpa(q, k, v, is_causal=True))

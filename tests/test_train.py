@@ -130,7 +130,53 @@ def test_epochs_and_checkpoint_points():
     assert [s for s, _ in rec.evals] == [9, 18] and rec.saves == 2  # end of each epoch
 
 
+def test_epoch_checkpoints_wait_for_the_next_evaluation():
+    """Once an epoch, at the first scheduled evaluation from the epoch's end: no evaluation is added for it."""
+    rec = CheckpointSteps()
+    job = tiny_job(
+        model={"preset": "micro", "context_length": 256},
+        data={"stride": 256},
+        train={"batch_size": 2, "max_steps": None, "epochs": 3, "eval_every": 5},  # 9 steps an epoch
+    )
+    result = train(job, rec)
+    assert result.state.step == 27
+    assert [s for s, _ in rec.evals] == [5, 10, 15, 20, 25, 27]  # the last step is always evaluated
+    assert rec.checkpoints == [(10, 1, 1), (20, 2, 2), (27, 3, 0)]  # (step, epoch, batch in epoch)
+
+
+class CheckpointSteps(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.checkpoints = []
+
+    def on_eval(self, ctx, state, metrics, sample, save):
+        super().on_eval(ctx, state, metrics, sample, save)
+        if save is not None:
+            self.checkpoints.append((state.step, state.epoch, state.batch_in_epoch))
+
+
 def test_divergence_stops_with_status():
     result = train(tiny_job(train={"lr": 1e6, "grad_clip": 0.0, "max_steps": 50, "precision": "fp32"}))
     assert result.status == "diverged" and result.state.step < 50
     assert not math.isfinite(result.metrics["loss"])
+
+
+def step_losses(job, resume_from=None):
+    rec = Recorder()
+    train(job, rec, resume_from=resume_from)
+    return [metrics["loss"] for _, metrics in rec.steps]
+
+
+def test_evaluations_and_resumes_leave_the_training_steps_unchanged(tmp_path):
+    """With dropout on, neither the evaluation cadence nor a resume changes any training step's loss."""
+    common = {"precision": "fp32", "max_steps": 6, "lr_schedule": "constant"}  # same lr whatever the length
+    every2 = step_losses(tiny_job(model={"dropout": 0.2}, train={**common, "eval_every": 2}))
+    every5 = step_losses(tiny_job(model={"dropout": 0.2}, train={**common, "eval_every": 5}))
+    assert every2 == every5
+
+    first = tiny_job(model={"dropout": 0.2}, train={**common, "max_steps": 4, "eval_every": 2, "checkpoint_every": 4})
+    from gptcore.train import LocalCheckpoints
+
+    train(first, LocalCheckpoints(tmp_path))
+    resumed = step_losses(tiny_job(model={"dropout": 0.2}, train={**common, "eval_every": 2}), tmp_path / "latest")
+    assert resumed == every2[4:]
