@@ -5,8 +5,8 @@ Every trial has the same budget of 180 optimizer steps (``train.max_steps``; ASH
 its stride: overlapping windows give more steps per epoch, not more steps. Untied head, so that
 freezing the token embedding leaves the output layer trainable.
 
-Default sizes are valid anywhere (the `tiny` preset, context 64, on the-verdict: about 15 minutes on a
-laptop CPU); on a GPU cluster, join it and size up (strides follow the context: 256 and 128 at 256):
+Default sizes are valid anywhere (the `tiny` preset, context 64, on the-verdict: about 22 minutes on a
+2-core laptop CPU); on a GPU cluster, join it and size up (strides follow the context: 256 and 128 at 256):
 
     python -m orchestrator run experiments/full_grid.py --address auto --set model.preset=gpt2-small \\
         --set model.context_length=256 --set 'data.stride=[256,128]' --set train.batch_size=8

@@ -170,21 +170,10 @@ def write_snapshot(snapshot: Snapshot, path: str | Path) -> Path:
     return path
 
 
-def save_checkpoint(
-    path: str | Path,
-    *,
-    model: torch.nn.Module,
-    config: JobConfig,
-    state: TrainState,
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (replacing an existing one), now."""
-    snapshot = take_snapshot(
-        model=model, config=config, state=state, optimizer=optimizer, scaler=scaler, extra=extra, copy=False
-    )
-    return write_snapshot(snapshot, path)
+def save_checkpoint(path: str | Path, **parts: Any) -> Path:
+    """Write a checkpoint folder at ``path`` now, atomically; ``parts`` (model, config, state, optimizer, …) as for
+    `take_snapshot`."""
+    return write_snapshot(take_snapshot(**parts, copy=False), path)
 
 
 class CheckpointWriter:

@@ -224,7 +224,8 @@ class Hooks:
         sample: str | None,
         save: CheckpointSaver | None,
     ) -> None:
-        """After an evaluation. ``save`` is given at checkpoint points: ``save(dir)`` writes one."""
+        """After an evaluation. ``save`` is given at checkpoint points: ``save(dir)`` writes a checkpoint,
+        ``save.start(dir)`` writes it in the background (`train` returns once it is on disk)."""
 
     def on_train_end(self, ctx: TrainContext, state: TrainState, result: TrainResult) -> None: ...
 

@@ -156,21 +156,33 @@ def csv_table(results: list[TrialResult]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _tokens_at(result: TrialResult) -> dict[int, float]:
-    return dict(result.curves.get("tokens_seen", []))
+# Trials drawn in colour and named in the legend (the best ones); the rest of a large sweep is drawn in grey.
+MAX_NAMED = 8
+MAX_PANELS = 9
+
+
+def _points(result: TrialResult, key: str) -> list[tuple[float, float]]:
+    """(tokens seen, value) of metric ``key`` at every step it was logged."""
+    tokens = dict(result.curves.get("tokens_seen", []))
+    return [(tokens.get(step, math.nan), v) for step, v in result.curves.get(key, [])]
 
 
 def plot_val_vs_tokens(results: list[TrialResult], path: Path, title: str) -> Path:
-    """Validation loss against tokens seen, every trial on one figure."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        tokens = _tokens_at(r)
-        points = [(tokens.get(step, math.nan), v) for step, v in r.curves.get("val_loss", [])]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=r.name)
+    """Validation loss against tokens seen, every trial on one figure; the best `MAX_NAMED` named in the legend."""
+    fig, ax = plt.subplots(figsize=(11, 5) if len(results) > MAX_NAMED else (8, 5))
+    others = [r for r in results[MAX_NAMED:] if _points(r, "val_loss")]
+    for i, r in enumerate(others):
+        label = f"{len(others)} other trials" if i == 0 else None
+        ax.plot(*zip(*_points(r, "val_loss"), strict=True), color="0.75", linewidth=0.8, zorder=1, label=label)
+    for r in results[:MAX_NAMED]:
+        if points := _points(r, "val_loss"):
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=r.name, zorder=2)
     ax.set(xlabel="tokens seen", ylabel="validation loss", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if others:  # long lists of long names go beside the plot, not over it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -178,23 +190,23 @@ def plot_val_vs_tokens(results: list[TrialResult], path: Path, title: str) -> Pa
 
 
 def plot_train_vs_val(results: list[TrialResult], path: Path, title: str) -> Path:
-    """Train and validation loss per trial (one panel each), against tokens seen."""
-    n = max(len(results), 1)
+    """Train and validation loss per trial (one panel each, the best `MAX_PANELS`), against tokens seen."""
+    shown = results[:MAX_PANELS]
+    n = max(len(shown), 1)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, r in zip(axes.flat, results, strict=False):
-        tokens = _tokens_at(r)
+    for ax, r in zip(axes.flat, shown, strict=False):
         for key, style in (("train_loss", "-"), ("val_loss", "--")):
-            points = [(tokens.get(step, math.nan), v) for step, v in r.curves.get(key, [])]
-            if points:
+            if points := _points(r, key):
                 ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
         ax.set(title=r.name, xlabel="tokens seen", ylabel="loss")
+        ax.title.set_fontsize(8 if len(r.name) > 40 else 10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(results) :]:
+    for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
-    fig.suptitle(title)
+    fig.suptitle(title if len(results) <= MAX_PANELS else f"{title} (best {MAX_PANELS} of {len(results)} trials)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
