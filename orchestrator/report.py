@@ -170,10 +170,10 @@ def _points(result: TrialResult, key: str) -> list[tuple[float, float]]:
 def plot_val_vs_tokens(results: list[TrialResult], path: Path, title: str) -> Path:
     """Validation loss against tokens seen, every trial on one figure; the best `MAX_NAMED` named in the legend."""
     fig, ax = plt.subplots(figsize=(11, 5) if len(results) > MAX_NAMED else (8, 5))
-    others = [r for r in results[MAX_NAMED:] if _points(r, "val_loss")]
-    for i, r in enumerate(others):
+    others = [points for r in results[MAX_NAMED:] if (points := _points(r, "val_loss"))]
+    for i, points in enumerate(others):
         label = f"{len(others)} other trials" if i == 0 else None
-        ax.plot(*zip(*_points(r, "val_loss"), strict=True), color="0.75", linewidth=0.8, zorder=1, label=label)
+        ax.plot(*zip(*points, strict=True), color="0.75", linewidth=0.8, zorder=1, label=label)
     for r in results[:MAX_NAMED]:
         if points := _points(r, "val_loss"):
             ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=r.name, zorder=2)
