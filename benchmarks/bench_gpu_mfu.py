@@ -6,7 +6,7 @@ ref   llms_from_scratch.ch04.GPTModel at the same shape (context 1024, QKV bias,
       torch.optim.AdamW: tokens/s only
 
 MFU = tokens/s x `GPT.flops_per_token` (6N + 12 L d T) / the device's dense bf16 peak
-(`orchestrator.hooks.peak_flops`, or ``--peak-tflops``). Without CUDA it prints that the figure is
+(`gptcore.hardware.peak_flops`, or ``--peak-tflops``). Without CUDA it prints that the figure is
 unmeasured and exits 0. Each side in its own process.
 
     python benchmarks/bench_gpu_mfu.py [--quick] [--batch-size 16] [--steps 20] [--peak-tflops 989]
@@ -35,6 +35,21 @@ def _timed(step: Any, device: Any, warmup: int, steps: int) -> float:
     return sum(time_calls(synced, warmup=warmup, repeats=steps)) / steps
 
 
+def _profile(step: Any, device: Any, steps: int = 3, rows: int = 25) -> None:
+    """Print the kernels that take the most device time over ``steps`` steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -47,7 +62,12 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     torch.backends.cudnn.allow_tf32 = True
     job = JobConfig.from_dict(
         {
-            "model": {"preset": args.preset, "context_length": args.context, "pad_vocab_multiple": 64},
+            "model": {
+                "preset": args.preset,
+                "context_length": args.context,
+                "pad_vocab_multiple": args.pad_vocab,
+                **({"dropout": args.dropout} if args.dropout is not None else {}),
+            },
             "train": {"precision": "bf16", "compile": args.compile, "batch_size": args.batch_size},
         }
     )
@@ -55,14 +75,25 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     model = GPT(job.model).to(device).train()
     optimizer = configure_optimizer(model, job, device)
     dtype = resolve_precision(job.train.precision, device)
-    compiled = torch.compile(model) if job.train.compile else model
+    compiled = torch.compile(model, mode=args.compile_mode) if job.train.compile else model
     batch = random_batch(args.batch_size, args.context, device)
     step = our_step(compiled, optimizer, batch, dtype, job.train.grad_clip)
+    if args.sdpa_backend:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        plain_step, backend = step, getattr(SDPBackend, args.sdpa_backend.upper())
+
+        def step() -> None:
+            with sdpa_kernel(backend):
+                plain_step()
+
     seconds = _timed(step, device, args.warmup, args.steps)
     tok_s = args.batch_size * args.context / seconds
+    if args.profile:
+        _profile(step, device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
     if peak is None and device.type == "cuda":
-        from orchestrator.hooks import peak_flops
+        from gptcore.hardware import peak_flops
 
         peak = peak_flops(device)
     flops = tok_s * model.flops_per_token(args.context)
@@ -113,6 +144,11 @@ def main() -> None:
     parser.add_argument("--preset", default="gpt2-small")
     parser.add_argument("--context", type=int, default=CONTEXT)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    parser.add_argument("--pad-vocab", type=int, default=64, help="pad the vocabulary to a multiple of this (1: off)")
+    parser.add_argument("--sdpa-backend", help="force one SDPA kernel: flash_attention, cudnn_attention, ...")
+    parser.add_argument("--profile", action="store_true", help="print ours' top kernels over 3 steps")
     parser.add_argument("--side", choices=["ours", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
@@ -138,6 +174,11 @@ def main() -> None:
         *("--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps)),
         *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
         *([] if args.compile else ["--no-compile"]),
+        *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
+        *(["--dropout", str(args.dropout)] if args.dropout is not None else []),
+        *("--pad-vocab", str(args.pad_vocab)),
+        *(["--sdpa-backend", args.sdpa_backend] if args.sdpa_backend else []),
+        *(["--profile"] if args.profile else []),
     ]
     ref = run_side(__file__, ["--side", "ref", *passed])
     ours = run_side(__file__, ["--side", "ours", *passed])

@@ -90,17 +90,17 @@ def random_batch(batch_size: int, context: int, device: Any = "cpu", vocab_size:
 def our_step(
     model: Any, optimizer: Any, batch: tuple[Any, Any], dtype: Any, grad_clip: float = 0.0
 ) -> Callable[[], None]:
-    """One optimizer step as `gptcore.train.train` takes it (autocast, `lm_loss`, optional clipping)."""
+    """One optimizer step as `gptcore.train.train` takes it (autocast, the loss in the forward, optional clipping)."""
     import torch
 
-    from gptcore.train import autocast, lm_loss
+    from gptcore.train import autocast
 
     x, y = batch
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> None:
         with autocast(x.device, dtype):
-            loss = lm_loss(model(x), y)
+            loss = model(x, targets=y)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -5,7 +5,7 @@ with context 256, no QKV bias, untied head, batch 2, AdamW lr 4e-4, betas 0.9/0.
 LR, no clipping, 10 epochs, evaluation every 5 steps over 5 batches, seed 123), read from that file so the two
 cannot drift apart, trained by `gptcore.train.train` alone.
 
-    python benchmarks/reference_run.py [--precision auto|fp32] [--init torch|gpt2]
+    python benchmarks/reference_run.py [--precision auto|fp32] [--init torch|gpt2] [--compile]
 """
 
 import argparse
@@ -22,6 +22,10 @@ STRIDE_SWEEP = Path(__file__).resolve().parents[1] / "experiments" / "stride_swe
 class Curve(Hooks):
     def __init__(self):
         self.points = []
+        self.device = None
+
+    def on_train_start(self, ctx, state):
+        self.device = ctx.device
 
     def on_eval(self, ctx, state, metrics, sample, save):
         self.points.append((state.step, state.tokens_seen, metrics["train_loss"], metrics["val_loss"]))
@@ -31,12 +35,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--init", default="torch", help="torch (the book's) or gpt2")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile)")
     args = parser.parse_args()
     overrides = {
         "data.stride": 256,
         "model.init_scheme": args.init,
         "train.sample_every": 0,
         "train.precision": args.precision,
+        "train.compile": args.compile,
     }
     (trial,) = expand_trials(load_experiment(STRIDE_SWEEP), overrides)
     config = trial.job
@@ -45,7 +51,8 @@ def main() -> None:
     result = train(config, HookList(PrintProgress(), curve))
     wall = time.perf_counter() - start
     best = min(p[3] for p in curve.points)
-    print(f"\nprecision={args.precision} steps={result.state.step} tokens={result.state.tokens_seen} wall={wall:.0f}s")
+    run = f"device={curve.device} precision={args.precision} compile={args.compile} steps={result.state.step}"
+    print(f"\n{run} tokens={result.state.tokens_seen} wall={wall:.0f}s")
     print(f"final train loss {result.metrics['train_loss']:.3f} (book {BOOK['final_train_loss']})")
     print(f"final val loss   {result.metrics['val_loss']:.3f} (book {BOOK['final_val_loss']})")
     print(f"best val loss    {best:.3f} (book {BOOK['best_val_loss']})")

@@ -15,6 +15,14 @@ import torch.nn.functional as F
 
 from gptcore.config import GPTConfig
 
+# --------------------------------------------------------------------------- loss
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over flattened (B*T, V) logits, computed in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
 # --------------------------------------------------------------------------- positions
 
 
@@ -242,12 +250,15 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         pad_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for token ids ``idx`` (B, T).
+        """Logits (B, T, V) for token ids ``idx`` (B, T); with ``targets`` (B, T), their `lm_loss` instead.
 
         ``cache`` continues from the tokens cached so far. ``pad_mask`` (B, cached + T), True for
         real tokens, supports left-padded batches of prompts of different lengths.
         ``last_only`` computes the head for the last position only (generation).
+        The loss is part of the forward so that ``torch.compile`` fuses it with the head: on GPU the
+        fp32 cast, log-softmax and its gradient become single passes over the logits.
         """
         _B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -277,7 +288,8 @@ class GPT(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:, :]
-        return self.head(self.ln_f(x))
+        logits = self.head(self.ln_f(x))
+        return logits if targets is None else lm_loss(logits, targets)
 
     @staticmethod
     def _attention_mask(start: int, T: int, pad_mask: torch.Tensor | None, device) -> torch.Tensor | None:

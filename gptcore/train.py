@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gptcore.checkpoint import (
     CheckpointWriter,
@@ -125,11 +124,6 @@ def learning_rate(step: int, total_steps: int, config: JobConfig) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over flattened (B*T, V) logits."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def _all_reduce_mean(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
@@ -156,7 +150,7 @@ def evaluate(
                 if i >= eval_iters:
                     break
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                total += lm_loss(model(x), y).item()
+                total += model(x, targets=y).item()
                 count += 1
     finally:
         model.train(was_training)
@@ -455,7 +449,7 @@ def train(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == n_micro - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
-                    loss = lm_loss(model(x), y) / n_micro
+                    loss = model(x, targets=y) / n_micro
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
                 state.tokens_seen += x.numel() * world_size

@@ -20,30 +20,12 @@ import ray.train
 import torch
 from ray.train import CheckpointUploadMode
 
+from gptcore.hardware import model_flops_utilisation, peak_flops
 from gptcore.train import CheckpointSaver, Hooks, TrainContext, TrainResult, TrainState
 from orchestrator.tracking import STATUS_TAG, RunLogger
 
 UploadFn = Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "epoch")
-# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices get no MFU rather than a wrong one.
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "T4": 65e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if key in name:
-            return value
-    return None
 
 
 class RayReporter(Hooks):
@@ -195,8 +177,9 @@ class MlflowLogging(Hooks):
 
     def on_step(self, ctx, state, metrics) -> None:
         values = {k: metrics[k] for k in STEP_METRICS if k in metrics}
-        if self.peak and self.flops_per_token:
-            values["mfu"] = metrics["tokens_per_sec"] / ctx.world_size * self.flops_per_token / self.peak
+        mfu = model_flops_utilisation(metrics["tokens_per_sec"] / ctx.world_size, self.flops_per_token, self.peak)
+        if mfu is not None:
+            values["mfu"] = mfu
         self.logger.log_metrics(values, step=state.step)
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:

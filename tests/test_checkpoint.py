@@ -5,7 +5,8 @@ import torch
 
 from gptcore.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from gptcore.data import build_datasets, make_loader
-from gptcore.train import Hooks, LocalCheckpoints, build_model, configure_optimizer, lm_loss, train
+from gptcore.model import lm_loss
+from gptcore.train import Hooks, LocalCheckpoints, build_model, configure_optimizer, train
 
 from .conftest import tiny_job
 

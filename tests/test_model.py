@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptcore.config import model_config
-from gptcore.model import GPT, KVCache
+from gptcore.model import GPT, KVCache, lm_loss
 
 
 def tiny(**overrides) -> GPT:
@@ -36,6 +36,25 @@ def test_logit_shapes_and_last_only():
     x = torch.randint(0, 50257, (3, 10))
     assert model(x).shape == (3, 10, 50257)
     assert torch.allclose(model(x, last_only=True)[:, 0], model(x)[:, -1], atol=1e-6)
+
+
+def test_cross_entropy_over_flattened_logits():
+    logits = torch.randn(2, 3, 7)
+    targets = torch.randint(0, 7, (2, 3))
+    manual = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
+    assert lm_loss(logits, targets).item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_forward_with_targets_returns_the_loss_of_its_logits():
+    """The loss computed inside the forward (fused under torch.compile) is `lm_loss` of the logits, gradient too."""
+    model = tiny(pad_vocab_multiple=64)
+    x, y = torch.randint(0, 50257, (2, 2, 8))
+    loss = model(x, targets=y)
+    (grad,) = torch.autograd.grad(loss, model.head.weight)
+    expected = lm_loss(model(x), y)
+    (expected_grad,) = torch.autograd.grad(expected, model.head.weight)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "rope"])

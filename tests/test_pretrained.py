@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from gptcore.checkpoint import CheckpointError, TrainState, save_checkpoint
 from gptcore.config import model_config
 from gptcore.data import build_datasets, make_loader
-from gptcore.model import GPT
+from gptcore.model import GPT, lm_loss
 from gptcore.pretrained import (
     SAFETENSORS_PATTERNS,
     Pretrained,
@@ -29,7 +29,7 @@ from gptcore.pretrained import (
 )
 from gptcore.sampling import generate
 from gptcore.tokenizer import encode
-from gptcore.train import Hooks, build_model, lm_loss, train
+from gptcore.train import Hooks, build_model, train
 
 from .conftest import tiny_job
 

@@ -9,7 +9,6 @@ from gptcore.train import (
     configure_optimizer,
     evaluate,
     learning_rate,
-    lm_loss,
     resolve_precision,
     train,
 )
@@ -34,13 +33,6 @@ class Recorder(Hooks):
 
     def on_train_end(self, ctx, state, result):
         self.ended = result
-
-
-def test_cross_entropy_over_flattened_logits():
-    logits = torch.randn(2, 3, 7)
-    targets = torch.randint(0, 7, (2, 3))
-    manual = -torch.log_softmax(logits, -1).gather(-1, targets[..., None]).mean()
-    assert lm_loss(logits, targets).item() == pytest.approx(manual.item(), rel=1e-6)
 
 
 def test_weight_decay_only_on_2d_weights():

@@ -1,0 +1,36 @@
+"""Peak arithmetic rates of known accelerators, for model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOP/s (`GPT.flops_per_token` x tokens/s) / the device's dense bf16 (fp16 on
+GPUs without bf16) tensor-core peak from its datasheet. Unknown devices get no peak, hence no MFU,
+rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Dense (no sparsity) bf16 peak FLOP/s by device-name substring; the first match wins, so the
+#: specific variants come before the family name.
+PEAK_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "T4": 65e12,  # fp16: the T4 has no bf16
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak FLOP/s of a CUDA ``device``; None for CPUs and unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
+
+
+def model_flops_utilisation(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Achieved over peak FLOP/s; None without a known peak."""
+    return tokens_per_sec * flops_per_token / peak if peak else None
