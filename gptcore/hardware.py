@@ -17,18 +17,22 @@ PEAK_FLOPS: dict[str, float] = {
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM
     "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "A10G": 70e12,
     "T4": 65e12,  # fp16: the T4 has no bf16
 }
 
 
+def peak_flops_of(name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of the GPU called ``name`` (as CUDA reports it); None if unknown."""
+    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The datasheet dense bf16 peak FLOP/s of a CUDA ``device``; None for CPUs and unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def model_flops_utilisation(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
