@@ -5,15 +5,19 @@ ours     gptcore's `GPT`, `configure_optimizer` (fused AdamW), `autocast` at `re
 ours32   the same at ``precision=fp32`` (what the speed-up owes to bf16)
 ref      llms_from_scratch.ch04.GPTModel, fp32, torch.optim.AdamW, the book's `calc_loss_batch`
 
+``--threads`` adds ours run in a second thread, as Ray Train runs the loop: with a malloc arena of its own
+(glibc's default) and with ``MALLOC_ARENA_MAX=1`` (what the orchestrator sets for its workers).
+
 Each side runs in its own process (the malloc tuning is process-wide), on the same random batch shape,
 with untimed warm-up steps first; tokens/s is batch x context / the median step time.
 
-    python benchmarks/bench_train.py [--quick] [--warmup N] [--steps N]
+    python benchmarks/bench_train.py [--quick] [--warmup N] [--steps N] [--threads]
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 from typing import Any
 
 from common import (
@@ -84,12 +88,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed steps")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8)")
-    parser.add_argument("--side", choices=["ours", "ours32", "ref"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", action="store_true", help="also ours in a second thread, with and without")
+    parser.add_argument("--side", choices=["ours", "ours32", "ours-thread", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     steps = args.steps or (3 if args.quick else 8)
     if args.side == "ref":
         emit(measure_ref(warmup, steps))
+        return
+    if args.side == "ours-thread":
+        results: list[dict[str, Any]] = []
+        worker = threading.Thread(target=lambda: results.append(measure_ours("auto", warmup, steps)))
+        worker.start()
+        worker.join()
+        emit(results[0])
         return
     if args.side is not None:
         emit(measure_ours("auto" if args.side == "ours" else "fp32", warmup, steps))
@@ -103,7 +115,13 @@ def main() -> None:
         "ref": "reference (llms_from_scratch, fp32 AdamW)",
         "ours": "ours (gptcore, fused AdamW, autocast)",
         "ours32": "ours, precision=fp32",
+        "thread": "ours in a thread, MALLOC_ARENA_MAX=8",
+        "thread1": "ours in a thread, MALLOC_ARENA_MAX=1",
     }
+    if args.threads:
+        thread_args = ["--side", "ours-thread", *side_args]
+        results["thread"] = run_side(__file__, thread_args, env={"MALLOC_ARENA_MAX": "8"})
+        results["thread1"] = run_side(__file__, thread_args, env={"MALLOC_ARENA_MAX": "1"})
     ref = results["ref"]["tok_s"]
     rows = [
         [

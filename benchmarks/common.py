@@ -56,11 +56,19 @@ def parse_lines(output: str, prefix: str) -> list[dict[str, Any]]:
     return [json.loads(line[len(prefix) :]) for line in output.splitlines() if line.startswith(prefix)]
 
 
-def run_side(script: str | Path, args: Sequence[str], *, timeout: float = 900.0) -> dict[str, Any]:
-    """Run ``python script *args`` in a fresh process; its last ``BENCH_RESULT`` plus ``process_s``."""
+def run_side(
+    script: str | Path, args: Sequence[str], *, timeout: float = 900.0, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``python script *args`` in a fresh process (``env`` added to its environment); its last
+    ``BENCH_RESULT`` plus ``process_s``."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     wall = time.perf_counter() - start
     results = parse_lines(proc.stdout, RESULT)

@@ -90,6 +90,8 @@ def keep_freed_memory_mapped() -> None:
     gradients). With glibc's defaults each is a fresh mmap whose pages fault in again on
     first touch, which costs a third of a CPU step for gpt2-small. Keeping them in the heap
     removes that cost; the process keeps its peak memory, as any caching allocator does.
+    This tunes the main arena: a loop run in another thread (Ray Train's) gets the same effect
+    only if the process started with ``MALLOC_ARENA_MAX=1``, which puts every thread on it.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
