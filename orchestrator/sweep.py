@@ -478,6 +478,28 @@ def _create_trial_runs(tracker: SweepTracker, settings: SweepSettings, trials: l
     return specs
 
 
+def trials_that_fit(resources: dict[str, float], workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many trials' worker groups a cluster of ``resources`` (``ray.cluster_resources()``) holds at once."""
+    fits = resources.get("CPU", 0) // (workers * cpus_per_worker)
+    if use_gpu:
+        fits = min(fits, resources.get("GPU", 0) // workers)
+    return max(1, int(fits))
+
+
+def max_concurrent_trials(experiment: Experiment, options: SweepOptions, settings: SweepSettings) -> int | None:
+    """The user's limit; on a local Ray, else, as many trials as its CPUs (GPUs) hold at once.
+
+    Tune would start every trial's controller at once, and those that find no free CPUs wait, polling, with a
+    traceback a minute from Ray Train. On a cluster (``--address``) nodes may still join, so no limit is implied.
+    """
+    import ray
+
+    limit = options.max_concurrent or experiment.max_concurrent
+    if limit or options.address or experiment.kind == "decode":
+        return limit
+    return trials_that_fit(ray.cluster_resources(), settings.workers, settings.cpus_per_worker, settings.use_gpu)
+
+
 def _new_tuner(trainable, names, experiment, options, settings):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
@@ -499,7 +521,7 @@ def _new_tuner(trainable, names, experiment, options, settings):
             metric=settings.metric,
             mode=settings.mode,
             scheduler=scheduler,
-            max_concurrent_trials=options.max_concurrent or experiment.max_concurrent,
+            max_concurrent_trials=max_concurrent_trials(experiment, options, settings),
             trial_name_creator=lambda t: t.config["trial"],
             trial_dirname_creator=lambda t: t.config["trial"],
         ),

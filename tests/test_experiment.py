@@ -8,6 +8,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.experiment import ExperimentError, expand_trials, load_experiment, parse_overrides
+from orchestrator.sweep import trials_that_fit
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
@@ -134,3 +135,17 @@ def test_every_verb_has_help():
 def test_experiment_error_type():
     with pytest.raises(ExperimentError):
         expand_trials(load_experiment(REPO / "experiments" / "stride_sweep.py"), {"data.stride": 0})
+
+
+@pytest.mark.parametrize(
+    ("resources", "workers", "cpus", "gpu", "expected"),
+    [
+        ({"CPU": 2.0}, 1, 2, False, 1),  # the main job on a 2-core laptop: one trial at a time
+        ({"CPU": 2.0}, 1, 1, False, 2),
+        ({"CPU": 16.0}, 2, 2, False, 4),
+        ({"CPU": 1.0}, 1, 2, False, 1),  # never 0: check_cpus has refused what cannot run at all
+        ({"CPU": 32.0, "GPU": 4.0}, 2, 1, True, 2),
+    ],
+)
+def test_a_local_sweep_runs_as_many_trials_at_once_as_fit(resources, workers, cpus, gpu, expected):
+    assert trials_that_fit(resources, workers, cpus, gpu) == expected
