@@ -522,6 +522,9 @@ def _new_tuner(trainable, names, experiment, options, settings):
             mode=settings.mode,
             scheduler=scheduler,
             max_concurrent_trials=max_concurrent_trials(experiment, options, settings),
+            # a trial's actor (its process, Ray Train imported) runs the next trial: ≈2.5 s less per trial. Not
+            # with a scheduler: a trial it stops is still inside TorchTrainer.fit, and Tune errors the next trial.
+            reuse_actors=scheduler is None,
             trial_name_creator=lambda t: t.config["trial"],
             trial_dirname_creator=lambda t: t.config["trial"],
         ),
