@@ -86,6 +86,11 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def causal_mask(T: int, S: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(T, S) boolean mask: T queries, the last T of S positions, each see their own and earlier keys."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,10 +106,9 @@ def attention(
     """
     if dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
-    T, S = q.size(-2), k.size(-2)
     scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     if is_causal:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        attn_mask = causal_mask(q.size(-2), k.size(-2), q.device)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     weights = dropout(scores.softmax(dim=-1), dropout_p, training=True)
@@ -296,12 +300,11 @@ class GPT(nn.Module):
         """Boolean (B or 1, 1, T, start + T) mask, or None where SDPA's own causal path applies."""
         if pad_mask is None and (start == 0 or T == 1):
             return None
-        keys = torch.arange(start + T, device=device)
-        queries = torch.arange(start, start + T, device=device)
-        mask = (keys[None, :] <= queries[:, None])[None, None]  # causal (1, 1, T, S)
+        S = start + T
+        mask = causal_mask(T, S, device)[None, None]  # (1, 1, T, S)
         if pad_mask is not None:
-            mask = mask & pad_mask[:, None, None, : start + T]
-            mask = mask | (keys[None, :] == queries[:, None])  # a padding query attends to itself (no NaN)
+            own = torch.arange(S, device=device)[None, :] == torch.arange(start, S, device=device)[:, None]
+            mask = (mask & pad_mask[:, None, None, :S]) | own  # a padding query attends to itself (no NaN)
         return mask
 
     # ----------------------------------------------------------------------- accounting

@@ -172,8 +172,13 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
         workers=options.workers or experiment.workers,
         use_gpu=experiment.use_gpu if options.use_gpu is None else options.use_gpu,
         cpus_per_worker=options.cpus_per_worker or experiment.cpus_per_worker or 1,
-        max_concurrent=options.max_concurrent or experiment.max_concurrent,
+        max_concurrent=concurrency_limit(experiment, options),
     )
+
+
+def concurrency_limit(experiment: Experiment, options: SweepOptions) -> int | None:
+    """The user's limit on trials at once: ``--max-concurrent``, else the experiment's ``max_concurrent``."""
+    return options.max_concurrent or experiment.max_concurrent
 
 
 def describe_plan(plan: Plan, options: SweepOptions) -> str:
@@ -494,7 +499,7 @@ def max_concurrent_trials(experiment: Experiment, options: SweepOptions, setting
     """
     import ray
 
-    limit = options.max_concurrent or experiment.max_concurrent
+    limit = concurrency_limit(experiment, options)
     if limit or options.address or experiment.kind == "decode":
         return limit
     return trials_that_fit(ray.cluster_resources(), settings.workers, settings.cpus_per_worker, settings.use_gpu)
