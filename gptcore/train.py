@@ -436,69 +436,71 @@ def train(
     tokens_at_start = state.tokens_seen
     model.train()
     checkpoint_pending = False
-    while state.step < total_steps and state.epoch < t.epochs:
-        train_loader.sampler.set_epoch(state.epoch)
-        batches = _batches(train_loader, state.batch_in_epoch)
-        while state.step < total_steps and state.batch_in_epoch < batches_per_epoch:
-            step_start = time.perf_counter()
-            lr = learning_rate(state.step, int(total_steps), config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            n_micro = min(t.grad_accum_steps, batches_per_epoch - state.batch_in_epoch)
-            loss_sum = 0.0
-            for micro in range(n_micro):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = micro == n_micro - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
-                    loss = model(x, targets=y) / n_micro
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                state.tokens_seen += x.numel() * world_size
-            if t.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            else:
-                grad_norm = float("nan")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch_in_epoch += n_micro
-            loss_value = _all_reduce_mean(float(loss_sum), device)
-            elapsed = time.perf_counter() - step_start
-            step_metrics = {
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_seen": float(state.tokens_seen),
-                "tokens_per_sec": n_micro * t.batch_size * config.model.context_length * world_size / elapsed,
-            }
-            step_metrics["epoch"] = ctx.epochs_done(state)
-            hooks.on_step(ctx, state, step_metrics)
-            if not math.isfinite(loss_value):
-                status = "diverged"
+    try:
+        while state.step < total_steps and state.epoch < t.epochs:
+            train_loader.sampler.set_epoch(state.epoch)
+            batches = _batches(train_loader, state.batch_in_epoch)
+            while state.step < total_steps and state.batch_in_epoch < batches_per_epoch:
+                step_start = time.perf_counter()
+                lr = learning_rate(state.step, int(total_steps), config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                n_micro = min(t.grad_accum_steps, batches_per_epoch - state.batch_in_epoch)
+                loss_sum = 0.0
+                for micro in range(n_micro):
+                    x, y = next(batches)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    sync = micro == n_micro - 1 or not hasattr(model, "no_sync")
+                    with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
+                        loss = model(x, targets=y) / n_micro
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                    state.tokens_seen += x.numel() * world_size
+                if t.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+                else:
+                    grad_norm = float("nan")
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += n_micro
+                loss_value = _all_reduce_mean(float(loss_sum), device)
+                elapsed = time.perf_counter() - step_start
+                step_metrics = {
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_seen": float(state.tokens_seen),
+                    "tokens_per_sec": n_micro * t.batch_size * config.model.context_length * world_size / elapsed,
+                }
+                step_metrics["epoch"] = ctx.epochs_done(state)
+                hooks.on_step(ctx, state, step_metrics)
+                if not math.isfinite(loss_value):
+                    status = "diverged"
+                    break
+                epoch_end = state.batch_in_epoch >= batches_per_epoch
+                last = state.step >= total_steps or (epoch_end and state.epoch + 1 >= t.epochs)
+                eval_due = bool(t.eval_every) and state.step % t.eval_every == 0
+                if t.checkpoint_every:
+                    checkpoint = state.step % t.checkpoint_every == 0
+                else:  # once an epoch, at the first evaluation from the epoch's end on (no extra evaluation)
+                    checkpoint_pending = checkpoint_pending or epoch_end
+                    checkpoint = checkpoint_pending and (eval_due or not t.eval_every)
+                checkpoint = checkpoint or last
+                checkpoint_pending = checkpoint_pending and not checkpoint
+                if epoch_end:  # the saved state points at the start of the next epoch
+                    state.epoch += 1
+                    state.batch_in_epoch = 0
+                if checkpoint or eval_due:
+                    metrics = run_eval(checkpoint, {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": lr})
+                if epoch_end:
+                    break
+            if status == "diverged":
                 break
-            epoch_end = state.batch_in_epoch >= batches_per_epoch
-            last = state.step >= total_steps or (epoch_end and state.epoch + 1 >= t.epochs)
-            eval_due = bool(t.eval_every) and state.step % t.eval_every == 0
-            if t.checkpoint_every:
-                checkpoint = state.step % t.checkpoint_every == 0
-            else:  # once an epoch, at the first evaluation from the epoch's end on (no extra evaluation)
-                checkpoint_pending = checkpoint_pending or epoch_end
-                checkpoint = checkpoint_pending and (eval_due or not t.eval_every)
-            checkpoint = checkpoint or last
-            checkpoint_pending = checkpoint_pending and not checkpoint
-            if epoch_end:  # the saved state points at the start of the next epoch
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            if checkpoint or eval_due:
-                metrics = run_eval(checkpoint, {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": lr})
-            if epoch_end:
-                break
-        if status == "diverged":
-            break
-    writer.close()  # every checkpoint written in the background is on disk before the end hooks
+    finally:
+        writer.close()  # every checkpoint written in the background is on disk before the end hooks (or the error)
     wall = time.perf_counter() - started
     if status == "diverged":
         metrics = {"loss": loss_value, "train_loss": math.nan, "val_loss": math.nan}
