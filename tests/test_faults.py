@@ -26,29 +26,25 @@ ray_test = pytest.mark.ray
 
 # A small model that trains ~20 steps/s here: slow enough to be hit mid-way, fast enough for the suite.
 EXPERIMENT = """
-from orchestrator import ASHA, Experiment, grid
+from orchestrator import Experiment, grid
 
 EXPERIMENT = Experiment(
     name="faults",
     corpus="the-verdict",
     model="micro",
     model_overrides={{"d_model": 256, "n_heads": 4, "n_layers": 2}},
-    train={{"batch_size": 2, "epochs": 50, "max_steps": {steps}, "eval_every": {every},
-           "checkpoint_every": {checkpoint_every}, "eval_iters": 1, "sample_max_new_tokens": 0,
-           "lr_schedule": "constant"}},
+    train={{"batch_size": 2, "epochs": 50, "max_steps": {steps}, "eval_every": {every}, "checkpoint_every": {every},
+           "eval_iters": 1, "sample_max_new_tokens": 0, "lr_schedule": "constant"}},
     grid={grid},
     max_concurrent={concurrent},
-    scheduler={scheduler},
 )
 """
 TOKENS_PER_STEP = 2 * 32  # batch_size x context_length of the micro preset
 
 
-def write_experiment(work: Path, *, steps: int, every: int, grid: str, **settings: object) -> Path:
-    """``settings``: ``checkpoint_every`` (default ``every``), ``concurrent`` and ``scheduler`` (default None)."""
-    settings = {"checkpoint_every": every, "concurrent": None, "scheduler": None, **settings}
+def write_experiment(work: Path, *, steps: int, every: int, grid: str, concurrent: int | None = None) -> Path:
     path = work / "faults.py"
-    path.write_text(EXPERIMENT.format(steps=steps, every=every, grid=grid, **settings))
+    path.write_text(EXPERIMENT.format(steps=steps, every=every, grid=grid, concurrent=concurrent))
     return path
 
 
@@ -218,34 +214,6 @@ def test_diverging_trial_stops_early_and_the_others_finish(killed_worker_sweep):
     assert run.data.tags["orchestrator.status"] == "diverged"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) < 120 and not math.isfinite(max(losses, key=lambda m: m.step).value)
-
-
-# --------------------------------------------------------------------------- trials stopped by the scheduler
-
-
-@ray_test
-def test_trials_stopped_by_asha_keep_their_metrics_and_the_sweep_goes_on(tmp_path):
-    """One trial at a time: 000 learns, 001 and 002 barely move and are stopped at ASHA's first rung (step 2),
-    an evaluation without a checkpoint.
-
-    Stopping kills a trial's worker: what it logged up to the evaluation ASHA judged must be in MLflow already,
-    and the trial after a stopped one must start as usual.
-    """
-    asha = 'ASHA(max_t=8, grace_period=2, reduction_factor=2, time_attr="step")'
-    grid = '{"train.lr": grid(4e-3, 1e-7, 2e-7)}'
-    write_experiment(tmp_path, steps=8, every=2, grid=grid, checkpoint_every=8, concurrent=1, scheduler=asha)
-    cli = Cli(["run", "faults.py"], tmp_path)
-    rc = cli.finish()
-    assert rc == 0, cli.output()[-4000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    kids = children(client)
-    assert kids["000_lr=0.004"].data.tags["orchestrator.status"] == "finished"
-    assert steps_of(client, kids["000_lr=0.004"].info.run_id, "val_loss") == [2, 4, 6, 8]
-    for name in ("001_lr=1e-07", "002_lr=2e-07"):
-        run = kids[name]
-        assert run.data.tags["orchestrator.status"] == "stopped", name
-        assert 2 in steps_of(client, run.info.run_id, "val_loss"), name  # the evaluation it was stopped on
-        assert steps_of(client, run.info.run_id)[:2] == [1, 2], name
 
 
 # --------------------------------------------------------------------------- an interrupted driver

@@ -36,10 +36,14 @@ STUDIES: dict[str, list[str]] = {
     "stride_sweep": [],
     "posemb_sweep": ['model.pos_emb=["sinusoidal","rope"]'],
     "freeze_embeddings": [],
-    "lr_sweep": ["train.lr=[1e-4,5e-4]"],
+    # one trial at a time (ARGS), 24 steps: ASHA's first rung (step 20, an evaluation without a checkpoint)
+    # compares each trial with those before it
+    "lr_sweep": ["train.lr=[5e-4,1e-4,2e-4]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
     "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
     "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=[1e-4,5e-4]"],
 }
+ARGS: dict[str, list[str]] = {"lr_sweep": ["--max-concurrent", "1"]}  # extra command-line arguments
+STOPPED = {"lr_sweep": ["001_lr=0.0001", "002_lr=0.0002"]}  # trials ASHA stops at its first rung
 DECODE = ["decode.temperature=[0.7,1.5]", "decode.top_k=40", "decode.num_samples=2", "decode.max_new_tokens=8"]
 
 
@@ -54,7 +58,8 @@ def tiny_hf_gpt2(folder: Path) -> Path:
 
 def run(work: Path, experiment: str, sets: list[str], env: dict[str, str], address: str) -> tuple[int, str]:
     args = [sys.executable, "-m", "orchestrator", "run", str(REPO / "experiments" / f"{experiment}.py")]
-    args += ["--address", address, "--cpus-per-worker", "1", *[a for item in sets for a in ("--set", item)]]
+    args += ["--address", address, "--cpus-per-worker", "1", *ARGS.get(experiment, [])]
+    args += [a for item in sets for a in ("--set", item)]
     proc = subprocess.run(args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -94,9 +99,25 @@ def test_study_runs_end_to_end(studies, experiment):
     client, parent, kids = sweep_runs(work, experiment)
     assert parent.info.status == "FINISHED" and len(kids) >= 2
     for name, kid in kids.items():
-        assert kid.data.tags["orchestrator.status"] == "finished", name
+        assert kid.data.tags["orchestrator.status"] == (
+            "stopped" if name in STOPPED.get(experiment, []) else "finished"
+        )
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/results.md" in artifacts and any(a.endswith(".png") for a in artifacts)
+
+
+def test_trials_asha_stops_keep_their_metrics(studies):
+    """Stopping a trial kills its worker: all it logged up to the evaluation ASHA stopped it on is in MLflow."""
+    work, _ = studies
+    client, _, kids = sweep_runs(work, "lr_sweep")
+    assert steps_of(client, kids["000_lr=0.0005"], "val_loss") == [4, 8, 12, 16, 20, 24]
+    for name in STOPPED["lr_sweep"]:
+        assert steps_of(client, kids[name], "val_loss")[:5] == [4, 8, 12, 16, 20], name
+        assert steps_of(client, kids[name], "loss")[:20] == list(range(1, 21)), name
+
+
+def steps_of(client: MlflowClient, run, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
 
 def test_frozen_embeddings_train_fewer_parameters(studies):
