@@ -38,12 +38,12 @@ STUDIES: dict[str, list[str]] = {
     "freeze_embeddings": [],
     # one trial at a time (ARGS), 24 steps: ASHA's first rung (step 20, an evaluation without a checkpoint)
     # compares each trial with those before it
-    "lr_sweep": ["train.lr=[5e-4,1e-4,2e-4]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
+    "lr_sweep": ["train.lr=[5e-4,1e-4]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
     "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
     "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=[1e-4,5e-4]"],
 }
 ARGS: dict[str, list[str]] = {"lr_sweep": ["--max-concurrent", "1"]}  # extra command-line arguments
-STOPPED = {"lr_sweep": ["001_lr=0.0001", "002_lr=0.0002"]}  # trials ASHA stops at its first rung
+STOPPED = {"lr_sweep": ["001_lr=0.0001"]}  # trials ASHA stops at its first rung
 DECODE = ["decode.temperature=[0.7,1.5]", "decode.top_k=40", "decode.num_samples=2", "decode.max_new_tokens=8"]
 
 
