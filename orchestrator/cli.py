@@ -89,29 +89,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- sample
 
 
-def _local_checkpoint(uri: str, scratch: Path) -> Path:
-    """A local folder for a checkpoint path or object-store URI (downloaded to a temp folder)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return Path(uri.removeprefix("file://")).expanduser()
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    local = scratch / "checkpoint"
-    local.mkdir(parents=True)  # copy_files does not create the top folder on a local destination
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from gptcore.checkpoint import load_model
     from gptcore.sampling import generate_text
     from gptcore.train import autocast, resolve_device, resolve_precision
+    from orchestrator.storage import local_copy
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        model, _ = load_model(_local_checkpoint(args.checkpoint, Path(tmp)), device=device)
+        model, _ = load_model(local_copy(args.checkpoint, Path(tmp)), device=device)
     dtype = resolve_precision(args.precision, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with autocast(device, dtype):
@@ -136,9 +124,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gptcore.pretrained import export_hf
+    from orchestrator.storage import local_copy
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = export_hf(_local_checkpoint(args.checkpoint, Path(tmp)), args.out, overwrite=args.overwrite)
+        out = export_hf(local_copy(args.checkpoint, Path(tmp)), args.out, overwrite=args.overwrite)
     print(f"wrote a Hugging Face GPT-2 folder to {out}; load it with GPT2LMHeadModel.from_pretrained({str(out)!r})")
     return 0
 

@@ -132,15 +132,16 @@ def resolve_checkpoint(spec: str, tracking_uri: str) -> str:
     import pyarrow.fs as pafs
 
     from gptcore.checkpoint import META_FILE, CheckpointError, read_meta
+    from orchestrator.storage import is_uri, local_path
 
     if spec.startswith(BEST_PREFIX):
         spec = best_checkpoint(spec.removeprefix(BEST_PREFIX), tracking_uri)
-    if "://" in spec and not spec.startswith("file://"):
+    if is_uri(spec):
         fs, path = pafs.FileSystem.from_uri(spec)
         if fs.get_file_info(f"{path.rstrip('/')}/{META_FILE}").type != pafs.FileType.File:
             raise CheckpointError(f"decode.checkpoint {spec} is not a gptcore checkpoint (no {META_FILE} there)")
         return spec
-    path = Path(spec.removeprefix("file://")).expanduser().absolute()
+    path = local_path(spec)
     try:
         read_meta(path)
     except CheckpointError as exc:
@@ -250,7 +251,7 @@ def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], s
 
     from gptcore.checkpoint import load_model
     from gptcore.train import resolve_device
-    from orchestrator.cli import _local_checkpoint
+    from orchestrator.storage import local_copy
     from orchestrator.tracking import STATUS_TAG, RunLogger
 
     name = config["trial"]
@@ -270,7 +271,7 @@ def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], s
             }
         )
         with tempfile.TemporaryDirectory() as tmp:
-            model, ckpt = load_model(_local_checkpoint(decode.checkpoint, Path(tmp)), device=device)
+            model, ckpt = load_model(local_copy(decode.checkpoint, Path(tmp)), device=device)
         logger.set_tags({"checkpoint.step": str(ckpt.state.step), "checkpoint.model": _shape(ckpt.config.model)})
         total = len(decode.prompts)
 

@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 from gptcore.data import CACHE_ENV, MIRROR_ENV, build_datasets, cache_dir
 from orchestrator.decoding import decode_rows, decode_trainable, resolve_checkpoints
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.storage import absolute_storage, filesystem, read_json, storage_uri, write_json
+from orchestrator.storage import join as join_path
 from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
     HTTP_ENV,
@@ -35,7 +37,7 @@ from orchestrator.tracking import (
     git_commit,
     mlflow_status,
 )
-from orchestrator.trial import join_uri, run_trial
+from orchestrator.trial import run_trial
 
 # Ray Train V2 polls workers for reports every 2 s by default, which throttles ray.train.report.
 CONTROLLER_POLL_S = "0.2"
@@ -83,59 +85,14 @@ class SweepSettings:
     git_commit: str | None
 
 
-# --------------------------------------------------------------------------- storage helpers
-
-
-def absolute_storage(storage: str | None, workdir: str) -> str:
-    if not storage:
-        return str(Path(workdir, "ray_results").absolute())
-    if "://" in storage and not storage.startswith("file://"):
-        return storage
-    return str(Path(storage.removeprefix("file://")).expanduser().absolute())
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    return pafs.FileSystem.from_uri(uri)
-
-
-def _join(uri: str, *parts: str) -> str:
-    return str(Path(uri, *parts)) if "://" not in uri else join_uri(uri, *parts)
-
-
-def storage_uri(storage: str, fs_path: str) -> str:
-    """A path Ray reports on the storage filesystem (scheme and query stripped) as a URI of ``storage``."""
-    if "://" not in storage:
-        return fs_path
-    _, sep, query = storage.partition("?")
-    return f"{storage.split('://', 1)[0]}://{fs_path}{sep}{query}"
-
-
-def write_json(uri: str, payload: dict[str, Any]) -> None:
-    """Write JSON to a local path or object-store URI, atomically where the filesystem allows."""
-    fs, path = _filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as out:
-        out.write(json.dumps(payload, indent=2, default=str).encode())
-    fs.move(tmp, path)
-
-
-def read_json(uri: str) -> dict[str, Any] | None:
-    fs, path = _filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+# --------------------------------------------------------------------------- resuming
 
 
 def find_sweep(storage: str, experiment: str, which: str) -> str:
     """The sweep id to resume: ``which`` itself, or the newest sweep of ``experiment``."""
-    fs, root = _filesystem(storage)
+    fs, root = filesystem(storage)
     if which != "latest":
-        if read_json(_join(storage, which, "sweep.json")) is None:
+        if read_json(join_path(storage, which, "sweep.json")) is None:
             raise SweepError(f"no sweep {which!r} in {storage}; run without --resume to start one")
         return which
     try:
@@ -146,7 +103,7 @@ def find_sweep(storage: str, experiment: str, which: str) -> str:
         i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(f"{experiment}-")
     )
     for name in reversed(names):
-        if read_json(_join(storage, name, "sweep.json")) is not None:
+        if read_json(join_path(storage, name, "sweep.json")) is not None:
             return name
     raise SweepError(f"nothing to resume: no sweep of {experiment!r} in {storage}; run without --resume")
 
@@ -368,7 +325,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
     storage = absolute_storage(options.storage, options.workdir)
     if options.resume:
         sweep_id = find_sweep(storage, experiment.name, options.resume)
-        saved = read_json(_join(storage, sweep_id, "sweep.json"))
+        saved = read_json(join_path(storage, sweep_id, "sweep.json"))
         specs, settings = saved["trials"], SweepSettings(**saved["settings"])
         check_reachable(settings.tracking_uri)
         tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
@@ -393,7 +350,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
             tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
             settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
             specs = _create_trial_runs(tracker, settings, plan.trials)
-            write_json(_join(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
+            write_json(join_path(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
         except BaseException:
             ray.shutdown()
             raise
@@ -408,7 +365,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         )
         if experiment.kind == "decode":  # inference in the Tune trial itself
             trainable = decode_trainable(specs, asdict(settings))
-        sweep_dir = _join(storage, sweep_id)
+        sweep_dir = join_path(storage, sweep_id)
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
             tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:

@@ -9,17 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def join_uri(base: str, *parts: str) -> str:
-    head, sep, query = base.partition("?")  # keep s3://...?endpoint_override=... query strings at the end
-    return "/".join([head.rstrip("/"), *parts]) + (sep + query if sep else "")
-
-
 def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.storage import join_uri
     from orchestrator.worker import train_loop_per_worker
 
     name = config["trial"]

@@ -155,7 +155,8 @@ def test_artifacts_go_through_the_tracking_server(scale_out):
 
 
 def test_sweep_state_and_checkpoints_live_in_the_bucket(scale_out):
-    from orchestrator.sweep import find_sweep, read_json
+    from orchestrator.storage import read_json
+    from orchestrator.sweep import find_sweep
 
     storage = f"s3://{BUCKET}/sweeps"
     sweep_id = find_sweep(storage, "scale_out", "latest")
@@ -183,17 +184,17 @@ def test_sample_loads_the_best_checkpoint_from_s3(scale_out):
 
 def test_storage_uri_with_endpoint_in_the_query(scale_out, monkeypatch, tmp_path):
     """``s3://bucket/path?endpoint_override=HOST:PORT&scheme=http`` works without AWS_ENDPOINT_URL."""
-    from orchestrator.cli import _local_checkpoint
-    from orchestrator.sweep import _join, find_sweep, read_json, storage_uri, write_json
+    from orchestrator.storage import join, local_copy, read_json, storage_uri, write_json
+    from orchestrator.sweep import find_sweep
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     _, _, child = runs(scale_out)
     query = f"?endpoint_override={scale_out.endpoint.removeprefix('http://')}&scheme=http"
     storage = f"s3://{BUCKET}/other{query}"
-    write_json(_join(storage, "scale_out-1", "sweep.json"), {"settings": {"n": 1}})
+    write_json(join(storage, "scale_out-1", "sweep.json"), {"settings": {"n": 1}})
     assert find_sweep(storage, "scale_out", "latest") == "scale_out-1"
-    assert read_json(_join(storage, "scale_out-1", "sweep.json")) == {"settings": {"n": 1}}
+    assert read_json(join(storage, "scale_out-1", "sweep.json")) == {"settings": {"n": 1}}
     best = child.data.tags["best_checkpoint"].removeprefix("s3://")
     assert storage_uri(storage, best) == f"s3://{best}{query}"
-    local = _local_checkpoint(storage_uri(storage, best), tmp_path)
+    local = local_copy(storage_uri(storage, best), tmp_path)
     assert (local / "model.safetensors").is_file()
