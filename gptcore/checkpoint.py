@@ -47,10 +47,11 @@ class TrainState:
 
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # current epoch (0-based)
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    samples_in_epoch: int = 0  # windows of the current epoch's order already consumed, by all ranks together
     tokens_seen: int = 0
     best_val_loss: float = math.inf
     seed: int = 0
+    data_key: str = ""  # the prepared dataset trained on
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -398,8 +399,14 @@ def restore_rng(rng: dict[str, torch.Tensor]) -> None:
                 torch.cuda.set_rng_state(value, index)
 
 
-def check_resumable(ckpt: Checkpoint, config: JobConfig) -> None:
-    """Resuming needs the same model; name the fields that differ."""
+def check_resumable(ckpt: Checkpoint, config: JobConfig, data_key: str = "") -> None:
+    """Resuming needs the same model and the same dataset; name what differs."""
+    if data_key and ckpt.state.data_key and ckpt.state.data_key != data_key:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}: it was taken on dataset {ckpt.state.data_key}, this run reads dataset "
+            f"{data_key} (data.corpus {config.data.corpus!r}, or its files or split, changed); resume with the "
+            "checkpoint's corpus, or start a fresh run (train.init_from for its weights)"
+        )
     theirs, ours = ckpt.config.to_dict()["model"], config.to_dict()["model"]
     diff = [f"model.{k}: checkpoint {theirs[k]!r} vs config {ours[k]!r}" for k in ours if theirs.get(k) != ours[k]]
     if diff:

@@ -154,10 +154,14 @@ def model_config(preset: str = "gpt2-small", **overrides: Any) -> GPTConfig:
 class DataConfig:
     """Where the text comes from and how it becomes (input, target) windows."""
 
-    corpus: str | list[str] = "the-verdict"  # a named corpus, a file, a folder, or a list of files
+    corpus: str | list[str] = "the-verdict"  # a named corpus, a file, a folder, a glob, or a list of those
     stride: int | None = None  # None: stride = context_length (non-overlapping windows)
     val_fraction: float = 0.1
-    split: Literal["tokens", "documents"] = "tokens"
+    # auto: a single-document corpus (one text file) gives its last val_fraction of tokens to validation; a corpus
+    # of many documents gives whole documents, drawn by a hash of their text (documents)
+    split: Literal["auto", "tokens", "documents"] = "auto"
+    val_tokens: int | None = None  # at most this many validation tokens are read (evaluation cost stays bounded)
+    text_field: str = "text"  # the field holding the text in JSONL and Parquet corpora
 
     def __post_init__(self) -> None:
         corpus_ok = (isinstance(self.corpus, str) and self.corpus.strip() != "") or (
@@ -173,9 +177,16 @@ class DataConfig:
         _finite_number(self.val_fraction, "data.val_fraction", low=0.0, high=1.0, low_open=True)
         _require(self.val_fraction < 1.0, "data.val_fraction", "must be < 1 (some tokens must be left to train on)")
         _require(
-            self.split in ("tokens", "documents"),
+            self.split in ("auto", "tokens", "documents"),
             "data.split",
-            f"must be 'tokens' or 'documents', got {self.split!r}",
+            f"must be 'auto', 'tokens' or 'documents', got {self.split!r}",
+        )
+        if self.val_tokens is not None:
+            _positive_int(self.val_tokens, "data.val_tokens")
+        _require(
+            isinstance(self.text_field, str) and self.text_field != "",
+            "data.text_field",
+            f"must be a field name, got {self.text_field!r}",
         )
 
 

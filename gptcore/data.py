@@ -1,36 +1,55 @@
-"""Corpora, the token cache, train/val split and the sliding-window dataset.
+"""Corpora, their preparation into token shards, and the windows and batches training reads from them.
 
-A corpus is a named corpus (``the-verdict``, ``tinyshakespeare``), a text file, a folder of
-text files or a list of files. Documents are joined by ``<|endoftext|>``. Token ids are cached
-on disk (``.npy``) under a key that hashes the texts, so a sweep tokenizes each corpus once.
-Windows are strided views into one token tensor: memory is O(tokens) whatever the stride.
+A corpus is a named corpus (``the-verdict``, ``tinyshakespeare``), a file, a folder (recursive), a glob, a list
+of those, or a folder of llm.c shards; text comes as ``.txt``/``.txt.gz`` (a document per file),
+``.jsonl``/``.jsonl.gz`` or Parquet (a document per record, ``data.text_field``). `plan_corpus` fingerprints it;
+`prepare_dataset` tokenizes it once into shards (`gptcore.shards`) under a key; `build_datasets` reads windows
+from them. The orchestrator prepares the same groups in parallel on a Ray cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-import io
+import json
+import math
 import os
+import shutil
 import tempfile
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from gptcore.config import JobConfig
-from gptcore.tokenizer import EOT_ID, get_tokenizer
+from gptcore.config import DataConfig, JobConfig
+from gptcore.shards import (
+    TEXT_SUFFIXES,
+    DataError,
+    GroupResult,
+    Manifest,
+    Source,
+    check_parquet_field,
+    dataset_key,
+    find_sources,
+    llmc_shard_folder,
+    manifest_for_llmc_shards,
+    merge_groups,
+    open_split,
+    read_manifest,
+    tokenize_group,
+    verify_shards,
+    write_manifest,
+)
 
 MIRROR_ENV = "GPTCORE_DATA_DIR"  # a folder holding copies of the named corpora (offline use, CI)
 CACHE_ENV = "GPTCORE_CACHE_DIR"  # downloads and token cache; default ~/.cache/gptcore
-TOKENIZER_ID = "tiktoken-gpt2"
-
-
-class DataError(ValueError):
-    """A corpus cannot be found, read or used; the message says how to fix it."""
+GROUP_BYTES = 128 << 20  # input bytes per preparation task
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -112,120 +132,143 @@ def fetch_named_corpus(name: str, *, timeout: float = 30.0) -> Path:
     return cached
 
 
-def resolve_corpus(corpus: str | Sequence[str]) -> list[Path]:
-    """The files of a corpus spec: a name, a file, a folder (its *.txt files) or a list of files."""
-    if not isinstance(corpus, str):
-        return [p for item in corpus for p in resolve_corpus(item)]
-    if corpus in CORPORA:
-        return [fetch_named_corpus(corpus)]
-    path = Path(corpus).expanduser()
-    if path.is_file():
-        return [path.absolute()]
-    if path.is_dir():
-        files = sorted(p.absolute() for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"corpus folder {path} contains no .txt files; add some or point to a file")
-        return files
-    raise DataError(
-        f"corpus {corpus!r} not found: it is neither a named corpus ({', '.join(CORPORA)}) "
-        "nor an existing file or folder; check the path (relative paths are resolved from "
-        f"{Path.cwd()})"
-    )
-
-
-def read_documents(paths: Sequence[Path]) -> list[str]:
-    """Each file's text, decoded strictly as UTF-8."""
-    docs = []
-    for path in paths:
-        data = Path(path).read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{path}: not valid UTF-8 (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
-                "convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT"
-            ) from None
-        if not text.strip():
-            raise DataError(f"{path}: the file is empty (or only whitespace); remove it from the corpus or add text")
-        docs.append(text)
-    return docs
-
-
-# --------------------------------------------------------------------------- tokens
+# --------------------------------------------------------------------------- planning a dataset
 
 
 @dataclass(frozen=True)
-class TokenizedCorpus:
-    """All token ids of a corpus plus where each document starts."""
+class CorpusPlan:
+    """A corpus resolved to files and fingerprinted: what `prepare_dataset` will make, and under which key."""
 
-    tokens: np.ndarray  # uint16, documents separated by EOT_ID
-    doc_starts: np.ndarray  # int64, index of each document's first token
-    key: str  # content hash: identifies the corpus and tokenizer
+    key: str
+    corpus: Any  # the spec, as the user wrote it
+    sources: tuple[Source, ...]
+    split: str  # "documents", "tokens" or "given" (a folder of llm.c shards)
+    val_fraction: float
+    text_field: str
+    groups: tuple[tuple[str, ...], ...]  # input files per preparation task
+    shard_files: tuple[str, ...] = ()  # llm.c shards used where they are
 
-
-def tokenize_corpus(corpus: str | Sequence[str], *, use_cache: bool = True) -> TokenizedCorpus:
-    """Tokenize a corpus spec, reading and writing the on-disk token cache."""
-    paths = resolve_corpus(corpus)
-    texts = read_documents(paths)
-    hasher = hashlib.sha256(TOKENIZER_ID.encode())
-    for text in texts:
-        hasher.update(hashlib.sha256(text.encode()).digest())
-    key = hasher.hexdigest()[:32]
-    tokens_path = cache_dir() / "tokens" / f"{key}.npy"
-    starts_path = cache_dir() / "tokens" / f"{key}.docs.npy"
-    if use_cache and tokens_path.is_file() and starts_path.is_file():
-        try:
-            return TokenizedCorpus(np.load(tokens_path), np.load(starts_path), key)
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is rebuilt below
-    encoded = get_tokenizer().encode_ordinary_batch(texts, num_threads=min(8, len(texts)))
-    pieces, starts, offset = [], [], 0
-    for i, ids in enumerate(encoded):
-        if i:
-            pieces.append([EOT_ID])
-            offset += 1
-        starts.append(offset)
-        pieces.append(ids)
-        offset += len(ids)
-    tokens = np.fromiter((t for piece in pieces for t in piece), dtype=np.uint16, count=offset)
-    doc_starts = np.asarray(starts, dtype=np.int64)
-    if use_cache:
-        for path, array in ((tokens_path, tokens), (starts_path, doc_starts)):
-            atomic_write_bytes(path, _npy_bytes(array))
-    return TokenizedCorpus(tokens, doc_starts, key)
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.sources)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array)
-    return out.getvalue()
+def _sources(spec: str) -> list[Source]:
+    if spec in CORPORA:
+        return [Source.of(fetch_named_corpus(spec), f"sha256:{CORPORA[spec].sha256}")]
+    return find_sources(spec, named=list(CORPORA))
 
 
-def split_tokens(
-    corpus: TokenizedCorpus, val_fraction: float = 0.1, by: str = "tokens"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation token tensors (int64).
+def plan_corpus(data: DataConfig) -> CorpusPlan:
+    """Resolve ``data.corpus`` to its files, check them cheaply, and fix the dataset key and the groups."""
+    specs = [data.corpus] if isinstance(data.corpus, str) else list(data.corpus)
+    if len(specs) == 1 and (bins := llmc_shard_folder(specs[0])):
+        sources = tuple(Source.of(p) for p in bins)
+        key = dataset_key(sources, split="given", val_fraction=0.0, text_field="")
+        return CorpusPlan(key, data.corpus, sources, "given", 0.0, "", (), tuple(str(p) for p in bins))
+    sources = tuple(s for spec in specs for s in _sources(spec))
+    for source in sources:
+        if not os.access(source.path, os.R_OK):
+            raise DataError(f"{source.path}: cannot be read (permission denied); check its permissions")
+        if source.path.lower().endswith(".parquet"):
+            check_parquet_field(source.path, data.text_field)
+    single_document = len(sources) == 1 and sources[0].path.lower().endswith(TEXT_SUFFIXES)
+    split = data.split if data.split != "auto" else ("tokens" if single_document else "documents")
+    key = dataset_key(sources, split=split, val_fraction=data.val_fraction, text_field=data.text_field)
+    return CorpusPlan(key, data.corpus, sources, split, data.val_fraction, data.text_field, _groups(sources, split))
 
-    ``by="tokens"`` cuts at ``(1 - val_fraction)`` of the tokens; ``by="documents"`` keeps
-    whole documents on each side, the last ones going to validation.
-    """
-    tokens = corpus.tokens
-    n = len(tokens)
-    if by == "tokens":
-        cut = round(n * (1.0 - val_fraction))
-    elif by == "documents":
-        if len(corpus.doc_starts) < 2:
-            raise DataError(
-                "data.split='documents' needs at least 2 documents, the corpus has 1; "
-                "use data.split='tokens' or a folder/list of files"
-            )
-        target = n * (1.0 - val_fraction)
-        starts = corpus.doc_starts[1:]  # a cut at a document start keeps documents whole
-        cut = int(starts[np.argmin(np.abs(starts - target))])  # the separating EOT stays in train
+
+def _groups(sources: Sequence[Source], split: str) -> tuple[tuple[str, ...], ...]:
+    """Consecutive files of about `GROUP_BYTES` each; one group for a token-fraction split (a single stream)."""
+    if split == "tokens":
+        return (tuple(s.path for s in sources),)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for source in sources:
+        if groups[-1] and size + source.size > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(source.path)
+        size += source.size
+    return tuple(tuple(g) for g in groups)
+
+
+# --------------------------------------------------------------------------- preparing a dataset
+
+
+PARTS = "parts"
+
+
+def group_record(folder: Path, group: int) -> GroupResult | None:
+    """The finished group ``group`` of a dataset folder, if its shards are all there."""
+    path = folder / PARTS / f"g{group:05d}.json"
+    if not path.is_file():
+        return None
+    result = GroupResult(**json.loads(path.read_text()))
+    manifest = Manifest(key="", shards=result.shards, split="", val_fraction=0.0)
+    try:
+        verify_shards(folder, manifest, full=False)
+    except DataError:
+        return None
+    return result
+
+
+def write_group_record(folder: Path, result: GroupResult) -> None:
+    atomic_write_bytes(folder / PARTS / f"g{result.group:05d}.json", json.dumps(asdict(result)).encode())
+
+
+def prepare_group(plan: CorpusPlan, group: int, folder: Path) -> GroupResult:
+    """Tokenize one group into ``folder`` (shards, then its record); a finished group is left as it is."""
+    done = group_record(folder, group)
+    if done is not None:
+        return done
+    result = tokenize_group(
+        group, plan.groups[group], folder, split=plan.split, val_fraction=plan.val_fraction, text_field=plan.text_field
+    )
+    write_group_record(folder, result)
+    return result
+
+
+def finish_dataset(plan: CorpusPlan, folder: Path, results: Sequence[GroupResult]) -> Manifest:
+    """Merge the groups' records into the manifest, written last (the commit marker)."""
+    if plan.split == "given":
+        manifest = manifest_for_llmc_shards(plan.key, [Path(p) for p in plan.shard_files])
     else:
-        raise DataError(f"data.split: unknown split {by!r}; use 'tokens' or 'documents'")
-    as_long = torch.from_numpy(tokens.astype(np.int64))
-    return as_long[:cut], as_long[cut:]
+        manifest = merge_groups(plan.key, results, split=plan.split, val_fraction=plan.val_fraction, corpus=plan.corpus)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def prepare_dataset(plan: CorpusPlan, root: str | Path) -> Path:
+    """Prepare ``plan`` under ``root/<key>`` in this process (the orchestrator does the groups on Ray instead).
+
+    Idempotent: a folder with a manifest is returned as it is; finished groups of an interrupted run are kept.
+    """
+    folder = Path(root) / plan.key
+    if read_manifest(folder) is not None:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder / ".lock"):
+        if read_manifest(folder) is None:
+            try:
+                results = [prepare_group(plan, g, folder) for g in range(len(plan.groups))]
+                finish_dataset(plan, folder, results)
+            except DataError:
+                shutil.rmtree(folder, ignore_errors=True)  # bad input: nothing half-written is left
+                raise
+    return folder
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file, across processes of this machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- windows
@@ -234,30 +277,28 @@ def split_tokens(
 class SlidingWindowDataset(Dataset):
     """(x, y) pairs with ``x = t[i:i+L]`` and ``y = t[i+1:i+1+L]`` for ``i = 0, stride, 2*stride, ...``.
 
-    Every item is a view into ``tokens``; nothing is copied per window.
+    ``tokens`` is anything sliced into arrays: a `TokenStream` over shards, a NumPy array or a tensor.
+    A window is read when asked for; nothing is copied up front.
     """
 
-    def __init__(self, tokens: torch.Tensor, context_length: int, stride: int, *, name: str = "dataset"):
+    def __init__(self, tokens: Any, context_length: int, stride: int, *, name: str = "dataset", key: str = ""):
         if stride <= 0:
             raise DataError(f"data.stride must be a positive integer, got {stride}")
-        if tokens.ndim != 1:
-            raise DataError(f"{name}: expected a 1-D token tensor, got shape {tuple(tokens.shape)}")
-        if len(tokens) < context_length + 1:
-            raise DataError(
-                f"{name} split has {len(tokens)} tokens, fewer than context_length + 1 = {context_length + 1}; "
-                "use a smaller model.context_length, a different data.val_fraction, or a larger corpus"
-            )
+        check_split_length(name, len(tokens), context_length)
         self.tokens = tokens
+        self.key = key  # the prepared dataset's key: a checkpoint resumes only on the data it was taken on
         self.context_length = context_length
         self.stride = stride
-        # (n_windows, L + 1) strided view of the same storage
-        self.windows = tokens.unfold(0, context_length + 1, stride)
+        self.n_windows = (len(tokens) - context_length - 1) // stride + 1
 
     def __len__(self) -> int:
-        return self.windows.shape[0]
+        return self.n_windows
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        window = self.windows[index]
+        if not 0 <= index < self.n_windows:
+            raise IndexError(index)
+        start = index * self.stride
+        window = torch.as_tensor(np.asarray(self.tokens[start : start + self.context_length + 1]).astype(np.int64))
         return window[:-1], window[1:]
 
     @property
@@ -265,15 +306,127 @@ class SlidingWindowDataset(Dataset):
         return len(self) * self.context_length
 
 
-def build_datasets(config: JobConfig) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
-    """Train and validation datasets for a job, tokenizing (or reading the cache) once."""
-    corpus = tokenize_corpus(config.data.corpus)
-    train, val = split_tokens(corpus, config.data.val_fraction, config.data.split)
-    L = config.model.context_length
+def check_split_length(name: str, n_tokens: int, context_length: int) -> None:
+    if n_tokens < context_length + 1:
+        raise DataError(
+            f"{name} split has {n_tokens} tokens, fewer than context_length + 1 = {context_length + 1}; "
+            "use a smaller model.context_length, a different data.val_fraction, or a larger corpus"
+        )
+
+
+def check_windows(config: JobConfig, manifest: Manifest) -> None:
+    """Both splits of a prepared dataset hold at least one window of ``config`` (from the manifest alone)."""
+    val = manifest.tokens("val")
+    check_split_length("train", manifest.tokens("train"), config.model.context_length)
+    check_split_length("validation", min(val, config.data.val_tokens or val), config.model.context_length)
+
+
+def dataset_folder(config: JobConfig, data_root: str | Path | None = None) -> Path:
+    """The prepared dataset of ``config``'s corpus, prepared here (under the cache) if it is not yet."""
+    plan = plan_corpus(config.data)
+    root = Path(data_root) if data_root else cache_dir() / "datasets"
+    if plan.split == "given" or read_manifest(root / plan.key) is None:
+        return prepare_dataset(plan, root)
+    return root / plan.key
+
+
+def build_datasets(
+    config: JobConfig, folder: str | Path | None = None
+) -> tuple[SlidingWindowDataset, SlidingWindowDataset]:
+    """Train and validation windows of a prepared dataset folder (prepared under the cache if none is given)."""
+    folder = Path(folder) if folder else dataset_folder(config)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise DataError(f"{folder}: no manifest.json, so not a finished dataset; prepare the corpus again")
+    L, stride = config.model.context_length, config.stride
     return (
-        SlidingWindowDataset(train, L, config.stride, name="train"),
-        SlidingWindowDataset(val, L, config.stride, name="validation"),
+        SlidingWindowDataset(open_split(folder, manifest, "train"), L, stride, name="train", key=manifest.key),
+        SlidingWindowDataset(
+            open_split(folder, manifest, "val", config.data.val_tokens), L, stride, name="validation", key=manifest.key
+        ),
     )
+
+
+# --------------------------------------------------------------------------- order and batches
+
+
+FEISTEL_ABOVE = 1 << 22  # windows; below this an epoch's order is a stored permutation (32 MB at most)
+
+
+class EpochOrder:
+    """A permutation of ``range(n)`` that depends only on (seed, epoch), read at any position.
+
+    Up to `FEISTEL_ABOVE` items it is ``torch.randperm`` (the order of torch's DistributedSampler); beyond,
+    a keyed Feistel bijection computed on the fly, so memory does not grow with the corpus.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, shuffle: bool = True):
+        self.n, self.shuffle = n, shuffle
+        self._table = None
+        if shuffle and n <= FEISTEL_ABOVE:
+            self._table = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+        bits = max(2, math.ceil(math.log2(max(n, 2))))
+        self._half = (bits + 1) // 2
+        rng = np.random.default_rng([seed, epoch])
+        self._keys = rng.integers(0, 2**31, size=4, dtype=np.uint64)
+
+    def __getitem__(self, positions: slice) -> np.ndarray:
+        idx = np.arange(positions.start, positions.stop, dtype=np.uint64)
+        if not self.shuffle:
+            return idx.astype(np.int64)
+        if self._table is not None:
+            return self._table[positions].astype(np.int64)
+        out = self._feistel(idx)
+        while (over := out >= self.n).any():  # cycle-walk back into range (a bijection of [0, n))
+            out[over] = self._feistel(out[over])
+        return out.astype(np.int64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        mask = np.uint64((1 << self._half) - 1)
+        left, right = x >> np.uint64(self._half), x & mask
+        for key in self._keys:
+            mixed = (right * np.uint64(0x9E3779B97F4A7C15) + key) & np.uint64(2**64 - 1)
+            mixed ^= mixed >> np.uint64(29)
+            left, right = right, (left ^ mixed) & mask
+        return (left << np.uint64(self._half)) | right
+
+
+class GlobalBatches:
+    """Batch sampler: rank ``rank``'s slice of each global batch of ``batch_size * world_size`` windows.
+
+    Starts at window ``start`` of the epoch's order (the data position a checkpoint saves), so a resumed
+    run, on any number of ranks, reads on from exactly where the interrupted one stopped.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = True,
+    ):
+        self.order = EpochOrder(n, seed, epoch, shuffle)
+        self.n, self.batch_size, self.start, self.rank, self.world = n, batch_size, start, rank, world_size
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        span = self.batch_size * self.world
+        left = self.n - self.start
+        return left // span if self.drop_last else math.ceil(left / span)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        span = self.batch_size * self.world
+        for g in range(len(self)):
+            begin = self.start + g * span + self.rank * self.batch_size
+            stop = min(begin + self.batch_size, self.n)
+            if begin < stop:
+                yield self.order[slice(begin, stop)].tolist()
 
 
 def make_loader(
@@ -283,24 +436,29 @@ def make_loader(
     shuffle: bool,
     drop_last: bool,
     seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose order depends only on (seed, epoch); sharded across ``world_size`` ranks.
+    """A DataLoader over ``dataset`` in the order of (seed, epoch), from window ``start``, rank's share of each batch.
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. The loader has its own generator, so
-    iterating it never draws from torch's global one: how often a run evaluates, or where it resumed,
+    Drawing the order takes nothing from torch's global generator: how often a run evaluates, or where it resumed,
     does not change the dropout masks of its training steps.
     """
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last and world_size > 1
-    )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+    sampler = GlobalBatches(
+        len(dataset),
+        batch_size,
+        seed=seed,
+        epoch=epoch,
+        start=start,
+        rank=rank,
+        world_size=world_size,
+        shuffle=shuffle,
         drop_last=drop_last,
-        pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
+    )
+    # a generator of its own: iterating a DataLoader draws a base seed, by default from torch's global generator
+    return DataLoader(
+        dataset, batch_sampler=sampler, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed)
     )

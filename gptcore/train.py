@@ -202,7 +202,9 @@ class TrainContext:
 
     def epochs_done(self, state: TrainState) -> float:
         """Fractional epochs completed, e.g. 1.5 halfway through the second epoch."""
-        return state.epoch + state.batch_in_epoch / self.batches_per_epoch
+        return state.epoch + state.samples_in_epoch / (
+            self.batches_per_epoch * self.config.train.batch_size * self.world_size
+        )
 
 
 class Hooks:
@@ -305,12 +307,6 @@ def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str,
     return model.to(device), report
 
 
-def _batches(loader, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield batch
-
-
 def train(
     config: JobConfig,
     hooks: Hooks | None = None,
@@ -321,11 +317,13 @@ def train(
     device: torch.device | str | None = None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     datasets: tuple[SlidingWindowDataset, SlidingWindowDataset] | None = None,
+    data_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train a GPT as ``config`` says; resumes from a checkpoint folder if given.
 
-    ``wrap_model`` wraps the model for data parallelism (e.g. DDP); the loader is sharded
-    by ``rank``/``world_size``. Returns when the epochs or ``max_steps`` are done, or early
+    ``wrap_model`` wraps the model for data parallelism (e.g. DDP); each rank reads its slice of
+    every global batch. ``data_dir`` is a prepared dataset folder (default: prepare the corpus under
+    the cache). Returns when the epochs or ``max_steps`` are done, or early
     with status ``"diverged"`` when the loss stops being finite.
     """
     hooks = hooks or Hooks()
@@ -338,25 +336,32 @@ def train(
     dtype = resolve_precision(t.precision, device)
     set_seed(t.seed + rank)
 
-    train_ds, val_ds = datasets or build_datasets(config)
+    train_ds, val_ds = datasets or build_datasets(config, data_dir)
     pin = device.type == "cuda"
-    train_loader = make_loader(
-        train_ds,
-        t.batch_size,
-        shuffle=True,
-        drop_last=True,
-        seed=t.seed,
-        rank=rank,
-        world_size=world_size,
-        pin_memory=pin,
-    )
-    train_eval_loader = make_loader(
-        train_ds, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
-    )
-    val_loader = make_loader(
-        val_ds, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
-    )
-    batches_per_epoch = len(train_loader)
+    global_batch = t.batch_size * world_size
+
+    def eval_loader(dataset: SlidingWindowDataset) -> torch.utils.data.DataLoader:
+        return make_loader(
+            dataset, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
+        )
+
+    def train_loader(epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = make_loader(
+            train_ds,
+            t.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=t.seed,
+            epoch=epoch,
+            start=start,
+            rank=rank,
+            world_size=world_size,
+            pin_memory=pin,
+        )
+        return iter(loader)
+
+    train_eval_loader, val_loader = eval_loader(train_ds), eval_loader(val_ds)
+    batches_per_epoch = len(train_ds) // global_batch
     if batches_per_epoch == 0:
         raise ValueError(
             f"the train split has {len(train_ds)} windows, fewer than train.batch_size={t.batch_size} x "
@@ -368,10 +373,10 @@ def train(
     model, init_report = build_model(config, device)
     optimizer = configure_optimizer(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = TrainState(seed=t.seed)
+    state = TrainState(seed=t.seed, data_key=train_ds.key)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
-        check_resumable(ckpt, config)
+        check_resumable(ckpt, config, train_ds.key)
         load_model_weights(model, ckpt.model_state, source=str(resume_from))
         if ckpt.optimizer_state is not None:
             optimizer.load_state_dict(ckpt.optimizer_state)
@@ -379,6 +384,7 @@ def train(
             scaler.load_state_dict(ckpt.scaler_state)
         restore_rng(ckpt.rng)
         state = ckpt.state
+        state.data_key = train_ds.key or state.data_key
     raw_model = model
     if t.compile:
         model = torch.compile(model)
@@ -438,14 +444,13 @@ def train(
     checkpoint_pending = False
     try:
         while state.step < total_steps and state.epoch < t.epochs:
-            train_loader.sampler.set_epoch(state.epoch)
-            batches = _batches(train_loader, state.batch_in_epoch)
-            while state.step < total_steps and state.batch_in_epoch < batches_per_epoch:
+            batches = train_loader(state.epoch, state.samples_in_epoch)
+            while state.step < total_steps and state.samples_in_epoch + global_batch <= len(train_ds):
                 step_start = time.perf_counter()
                 lr = learning_rate(state.step, int(total_steps), config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                n_micro = min(t.grad_accum_steps, batches_per_epoch - state.batch_in_epoch)
+                n_micro = min(t.grad_accum_steps, (len(train_ds) - state.samples_in_epoch) // global_batch)
                 loss_sum = 0.0
                 for micro in range(n_micro):
                     x, y = next(batches)
@@ -465,7 +470,7 @@ def train(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
-                state.batch_in_epoch += n_micro
+                state.samples_in_epoch += n_micro * global_batch
                 loss_value = _all_reduce_mean(float(loss_sum), device)
                 elapsed = time.perf_counter() - step_start
                 step_metrics = {
@@ -480,7 +485,7 @@ def train(
                 if not math.isfinite(loss_value):
                     status = "diverged"
                     break
-                epoch_end = state.batch_in_epoch >= batches_per_epoch
+                epoch_end = state.samples_in_epoch + global_batch > len(train_ds)
                 last = state.step >= total_steps or (epoch_end and state.epoch + 1 >= t.epochs)
                 eval_due = bool(t.eval_every) and state.step % t.eval_every == 0
                 if t.checkpoint_every:
@@ -492,7 +497,7 @@ def train(
                 checkpoint_pending = checkpoint_pending and not checkpoint
                 if epoch_end:  # the saved state points at the start of the next epoch
                     state.epoch += 1
-                    state.batch_in_epoch = 0
+                    state.samples_in_epoch = 0
                 if checkpoint or eval_due:
                     metrics = run_eval(checkpoint, {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": lr})
                 if epoch_end:

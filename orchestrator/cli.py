@@ -62,6 +62,37 @@ def _uri_flag(uri: str | None) -> str:
     return f" --tracking-uri {uri}" if uri else ""
 
 
+# --------------------------------------------------------------------------- prepare
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import ray
+
+    from gptcore.config import DataConfig
+    from gptcore.data import plan_corpus
+    from orchestrator.prepare import needs_ray, prepare, read_dataset_manifest
+    from orchestrator.storage import absolute_storage
+    from orchestrator.sweep import connect_ray
+
+    corpus = args.corpus[0] if len(args.corpus) == 1 else list(args.corpus)
+    data = DataConfig(corpus=corpus, val_fraction=args.val_fraction, split=args.split, text_field=args.text_field)
+    plan = plan_corpus(data)  # every input is checked before Ray starts
+    storage = absolute_storage(args.storage, str(Path.cwd()))
+    if needs_ray(plan):
+        connect_ray(args.address)
+    try:
+        location = prepare(plan, storage)
+    finally:
+        ray.shutdown()
+    manifest = read_dataset_manifest(location)
+    print(
+        f"dataset {manifest.key} at {location}: {manifest.tokens('train'):,} train and {manifest.tokens('val'):,} "
+        f"validation tokens in {len(manifest.shards)} shard(s); a run whose data.corpus is this corpus (same split "
+        "settings) trains on it"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- ui
 
 
@@ -157,7 +188,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,ui,sample,report,export}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,prepare,ui,sample,report,export}")
 
     run = verbs.add_parser("run", help="run (or resume) the sweep an experiment file describes")
     run.add_argument("experiment", help="experiment file, e.g. experiments/stride_sweep.py")
@@ -181,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-for-resources", action="store_true", help="wait for GPUs to appear (autoscaling) instead of failing"
     )
     run.set_defaults(func=cmd_run)
+
+    prepare = verbs.add_parser("prepare", help="tokenize a corpus once, on the Ray cluster, into token shards")
+    prepare.add_argument("corpus", nargs="+", help="named corpus, file, folder, glob, or several of them")
+    prepare.add_argument("--storage", help="where datasets live: folder or URI (s3://...); default ./ray_results")
+    prepare.add_argument("--address", help="join a running Ray cluster (HOST:PORT or auto); default: a local Ray")
+    prepare.add_argument("--val-fraction", type=float, default=0.1, help="as data.val_fraction (default 0.1)")
+    prepare.add_argument("--split", default="auto", choices=["auto", "tokens", "documents"], help="as data.split")
+    prepare.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (data.text_field)")
+    prepare.set_defaults(func=cmd_prepare)
 
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's tracking store")
     ui.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")

@@ -20,9 +20,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gptcore.data import CACHE_ENV, MIRROR_ENV, build_datasets, cache_dir
+from gptcore.data import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
+from gptcore.shards import Manifest, read_manifest
 from orchestrator.decoding import decode_rows, decode_trainable, resolve_checkpoints
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.prepare import prepare, read_dataset_manifest, stage_locally
 from orchestrator.storage import absolute_storage, filesystem, read_json, storage_uri, write_json
 from orchestrator.storage import join as join_path
 from orchestrator.tracking import (
@@ -172,18 +174,39 @@ def _train_rows(trials: list[Trial], keys: list[str]) -> tuple[list[str], list[l
 
 
 def check_data(trials: list[Trial]) -> None:
-    """Tokenize each corpus once (warming the cache) and check every split is long enough."""
-    seen = set()
+    """Before anything starts or is written: each trial's corpus resolved and checked; a small corpus tokenized
+    (into the local cache) and both its splits checked to hold a window."""
+    staged: dict[str, Manifest | None] = {}
     for trial in trials:
-        job = trial.job
-        key = (json.dumps(job.data.corpus), job.data.val_fraction, job.data.split, job.model.context_length, job.stride)
-        if key in seen:
-            continue
-        seen.add(key)
         try:
-            build_datasets(job)
+            plan = plan_corpus(trial.job.data)
+            if plan.key not in staged:
+                folder = stage_locally(plan)
+                staged[plan.key] = read_manifest(folder) if folder else None
+            if staged[plan.key] is not None:
+                check_windows(trial.job, staged[plan.key])
         except ValueError as exc:
             raise ExperimentError(f"trial {trial.name}: {exc}") from None
+
+
+def prepare_data(trials: list[Trial], storage: str) -> dict[str, tuple[str, Manifest]]:
+    """Prepare each distinct corpus once for the whole sweep, before any trial starts, and check every trial has
+    windows in both splits; returns each trial's dataset location and manifest."""
+    plans = {trial.name: plan_corpus(trial.job.data) for trial in trials}
+    prepared = {}
+    for plan in plans.values():
+        if plan.key not in prepared:
+            location = prepare(plan, storage)
+            prepared[plan.key] = (location, read_dataset_manifest(location))
+    by_trial = {}
+    for trial in trials:
+        location, manifest = prepared[plans[trial.name].key]
+        try:
+            check_windows(trial.job, manifest)
+        except ValueError as exc:
+            raise ExperimentError(f"trial {trial.name}: {exc}") from None
+        by_trial[trial.name] = (location, manifest)
+    return by_trial
 
 
 def check_init(trials: list[Trial]) -> None:
@@ -347,9 +370,10 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
             use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
             check_cpus(plan.cpus_per_worker, wait_for_resources)
+            datasets = prepare_data(plan.trials, storage) if experiment.kind != "decode" else {}
             tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
             settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
-            specs = _create_trial_runs(tracker, settings, plan.trials)
+            specs = _create_trial_runs(tracker, settings, plan.trials, datasets)
             write_json(join_path(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
         except BaseException:
             ray.shutdown()
@@ -424,8 +448,11 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
     )
 
 
-def _create_trial_runs(tracker: SweepTracker, settings: SweepSettings, trials: list[Trial]) -> dict[str, dict]:
-    """One MLflow child run per trial (status pending), created up front; returns the trial specs."""
+def _create_trial_runs(
+    tracker: SweepTracker, settings: SweepSettings, trials: list[Trial], datasets: dict[str, tuple[str, Manifest]]
+) -> dict[str, dict]:
+    """One MLflow child run per trial (status pending, its dataset input logged), created up front; returns the
+    trial specs."""
     specs = {}
     for trial in trials:
         flat = trial.job.flat()
@@ -437,7 +464,25 @@ def _create_trial_runs(tracker: SweepTracker, settings: SweepSettings, trials: l
         params = {**flat, **{f"grid.{k}": v for k, v in trial.params.items()}}
         run_id = tracker.child_run(settings.parent_run_id, settings.sweep_id, trial.name, params=params, tags=tags)
         specs[trial.name] = {"params": trial.params, "config": trial.config, "run_id": run_id}
+        if trial.name in datasets:
+            location, manifest = datasets[trial.name]
+            specs[trial.name]["dataset"] = location
+            _log_dataset(tracker, run_id, trial, location, manifest)
     return specs
+
+
+def _log_dataset(tracker: SweepTracker, run_id: str, trial: Trial, location: str, manifest: Manifest) -> None:
+    corpus = trial.job.data.corpus
+    name = corpus if isinstance(corpus, str) else f"{corpus[0]} (+{len(corpus) - 1})"
+    val_tokens = min(manifest.tokens("val"), trial.job.data.val_tokens or manifest.tokens("val"))
+    profile = {
+        "train_tokens": manifest.tokens("train"),
+        "val_tokens": val_tokens,
+        "documents": manifest.documents,
+        "shards": len(manifest.shards),
+        "split": manifest.split,
+    }
+    tracker.log_dataset(run_id, name=Path(name).name or name, key=manifest.key, location=location, profile=profile)
 
 
 def trials_that_fit(resources: dict[str, float], workers: int, cpus_per_worker: float, use_gpu: bool) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import socket
 import subprocess
@@ -24,6 +25,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+
+from orchestrator.storage import is_uri
 
 ROLE_TAG = "orchestrator.role"  # "sweep" | "trial"
 SWEEP_TAG = "orchestrator.sweep_id"
@@ -187,6 +190,20 @@ class SweepTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[start : start + 100])
         return run.info.run_id
+
+    def log_dataset(self, run_id: str, *, name: str, key: str, location: str, profile: dict[str, Any]) -> None:
+        """Record the prepared dataset a run trains on as its MLflow dataset input (the UI's Dataset column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source = {"uri": location} if is_uri(location) else {"path": location}
+        dataset = Dataset(
+            name=name,
+            digest=key[:36],
+            source_type="s3" if location.startswith("s3://") else "local",
+            source=json.dumps(source),
+            profile=json.dumps(profile),
+        )
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
     def child_runs(self, parent_id: str) -> list:
         return self.client.search_runs(

@@ -25,6 +25,7 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings
         train_loop_per_worker,
         train_loop_config={
             "job": spec["config"],
+            "dataset": spec.get("dataset"),
             "trial": name,
             "run_id": spec.get("run_id"),
             "tracking_uri": settings["tracking_uri"],

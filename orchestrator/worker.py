@@ -29,6 +29,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from gptcore.config import JobConfig
     from gptcore.train import HookList, Hooks, train
     from orchestrator.hooks import ConsoleProgress, MlflowLogging, RayReporter
+    from orchestrator.prepare import local_dataset
 
     _quiet_report_logs()
     job = JobConfig.from_dict(loop_config["job"])
@@ -49,6 +50,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=device)
 
+    data_dir = local_dataset(loop_config["dataset"]) if loop_config.get("dataset") else None
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
@@ -60,4 +62,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             world_size=world_size,
             device=device,
             wrap_model=wrap if world_size > 1 else None,
+            data_dir=data_dir,
         )

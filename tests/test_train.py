@@ -133,7 +133,7 @@ def test_epoch_checkpoints_wait_for_the_next_evaluation():
     result = train(job, rec)
     assert result.state.step == 27
     assert [s for s, _ in rec.evals] == [5, 10, 15, 20, 25, 27]  # the last step is always evaluated
-    assert rec.checkpoints == [(10, 1, 1), (20, 2, 2), (27, 3, 0)]  # (step, epoch, batch in epoch)
+    assert rec.checkpoints == [(10, 1, 2), (20, 2, 4), (27, 3, 0)]  # (step, epoch, windows into the epoch)
 
 
 class CheckpointSteps(Recorder):
@@ -144,7 +144,7 @@ class CheckpointSteps(Recorder):
     def on_eval(self, ctx, state, metrics, sample, save):
         super().on_eval(ctx, state, metrics, sample, save)
         if save is not None:
-            self.checkpoints.append((state.step, state.epoch, state.batch_in_epoch))
+            self.checkpoints.append((state.step, state.epoch, state.samples_in_epoch))
 
 
 def test_divergence_stops_with_status():
