@@ -16,7 +16,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from gptcore.config import ConfigError
     from gptcore.data import DataError
     from orchestrator.experiment import ExperimentError
-    from orchestrator.report import ReportError
+    from orchestrator.results import ReportError
     from orchestrator.sweep import SweepError
     from orchestrator.tracking import TrackingError
 

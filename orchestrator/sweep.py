@@ -21,13 +21,15 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from gptcore.data import CACHE_ENV, MIRROR_ENV, build_datasets, cache_dir
-from orchestrator.decoding import decode_rows, decode_trainable, resolve_checkpoints
+from orchestrator.decode_plan import decode_rows, resolve_checkpoints
+from orchestrator.decode_trial import decode_trainable
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
 from orchestrator.storage import absolute_storage, filesystem, read_json, storage_uri, write_json
 from orchestrator.storage import join as join_path
 from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
     HTTP_ENV,
+    KIND_TAG,
     STATUS_TAG,
     SweepTracker,
     check_reachable,
@@ -153,7 +155,7 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     if plan.experiment.scheduler:
         lines.append(f"scheduler: {plan.experiment.scheduler}")
     keys = list(plan.experiment.grid)
-    rows_of = decode_rows if plan.experiment.kind == "decode" else _train_rows
+    rows_of = decode_rows if plan.experiment.is_decode else _train_rows
     header, rows = rows_of(plan.trials, keys)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -335,7 +337,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         plan = make_plan(experiment, options)
         tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
         check_reachable(tracking_uri)
-        if experiment.kind == "decode":
+        if experiment.is_decode:
             plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
         else:
             check_data(plan.trials)
@@ -363,7 +365,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
             ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
             {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
         )
-        if experiment.kind == "decode":  # inference in the Tune trial itself
+        if experiment.is_decode:  # inference in the Tune trial itself
             trainable = decode_trainable(specs, asdict(settings))
         sweep_dir = join_path(storage, sweep_id)
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
@@ -397,6 +399,7 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
         tags={
             "experiment_file": options.experiment_file,
             "storage": storage,
+            KIND_TAG: experiment.kind,
             **({"git_commit": commit} if commit else {}),
         },
     )
@@ -457,7 +460,7 @@ def max_concurrent_trials(experiment: Experiment, options: SweepOptions, setting
     import ray
 
     limit = concurrency_limit(experiment, options)
-    if limit or options.address or experiment.kind == "decode":
+    if limit or options.address or experiment.is_decode:
         return limit
     return trials_that_fit(ray.cluster_resources(), settings.workers, settings.cpus_per_worker, settings.use_gpu)
 
