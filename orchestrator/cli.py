@@ -29,8 +29,25 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.experiment import load_experiment, parse_overrides
     from orchestrator.report import write_report
-    from orchestrator.sweep import SweepOptions, describe_plan, exit_code, make_plan, run_sweep
+    from orchestrator.sweep import (
+        SweepOptions,
+        describe_plan,
+        exit_code,
+        make_plan,
+        refuse_changes_on_resume,
+        run_sweep,
+    )
 
+    if args.resume:  # before anything is read or started: the sweep is the one its sweep.json describes
+        refuse_changes_on_resume(
+            {
+                "--set": args.set,
+                "--workers": args.workers,
+                "--use-gpu": args.use_gpu,
+                "--cpus-per-worker": args.cpus_per_worker,
+                "--max-concurrent": args.max_concurrent,
+            }
+        )
     experiment = load_experiment(args.experiment)
     use_gpu = {"auto": "auto", "yes": True, "no": False, None: None}[args.use_gpu]
     options = SweepOptions(
@@ -172,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         metavar="SWEEP_ID",
-        help="continue an interrupted sweep (default: latest)",
+        help="continue an interrupted sweep (default: latest) as it was started: no --set, --workers, --use-gpu, "
+        "--cpus-per-worker or --max-concurrent",
     )
     run.add_argument("--workers", type=int, help="Ray Train workers per trial (overrides the experiment)")
     run.add_argument("--use-gpu", choices=["auto", "yes", "no"], help="train on GPUs (default: the experiment's)")

@@ -23,7 +23,8 @@ import pyarrow.fs as pafs
 from gptcore.data import CACHE_ENV, MIRROR_ENV, build_datasets, cache_dir
 from orchestrator.decode_plan import decode_rows, resolve_checkpoints
 from orchestrator.decode_trial import decode_trainable
-from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.decoding import is_decode
+from orchestrator.experiment import ASHA, Experiment, ExperimentError, Trial, expand_trials
 from orchestrator.storage import absolute_storage, filesystem, read_json, storage_uri, write_json
 from orchestrator.storage import join as join_path
 from orchestrator.tracking import (
@@ -68,7 +69,7 @@ class SweepOptions:
 
 @dataclass
 class SweepSettings:
-    """What every trial needs to know; JSON-able, saved in sweep.json."""
+    """What every trial needs to know; JSON-able, saved in sweep.json: on --resume, the sweep as it was started."""
 
     sweep_id: str
     experiment: str
@@ -85,9 +86,31 @@ class SweepSettings:
     metric: str
     mode: str
     git_commit: str | None
+    # Saved since resume reads them from sweep.json (older files lack them: `saved_settings` takes the experiment's)
+    kind: str = "train"
+    scheduler: dict[str, Any] | None = None  # ASHA's fields
+    max_concurrent: int | None = None  # the user's limit (--max-concurrent, else the experiment's)
 
 
 # --------------------------------------------------------------------------- resuming
+
+
+def saved_settings(saved: dict[str, Any], experiment: Experiment) -> SweepSettings:
+    """The settings in a sweep.json; a field an older sweep.json lacks comes from the experiment file."""
+    scheduler = asdict(experiment.scheduler) if experiment.scheduler else None
+    defaults = {"kind": experiment.kind, "scheduler": scheduler, "max_concurrent": experiment.max_concurrent}
+    return SweepSettings(**{**defaults, **saved})
+
+
+def refuse_changes_on_resume(changes: dict[str, Any]) -> None:
+    """A resumed sweep is the one its sweep.json describes: options that would change it (flag -> value given, or
+    None) are refused, not ignored."""
+    given = [flag for flag, value in changes.items() if value not in (None, {}, [])]
+    if given:
+        raise SweepError(
+            f"--resume continues a sweep as it was started (its trials, scheduler, concurrency and resources are in "
+            f"its sweep.json) and cannot take {', '.join(given)}; start a new sweep without --resume to change them"
+        )
 
 
 def find_sweep(storage: str, experiment: str, which: str) -> str:
@@ -326,9 +349,18 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
 
     storage = absolute_storage(options.storage, options.workdir)
     if options.resume:
+        refuse_changes_on_resume(
+            {
+                "--set": options.overrides,
+                "--workers": options.workers,
+                "--use-gpu": options.use_gpu,
+                "--cpus-per-worker": options.cpus_per_worker,
+                "--max-concurrent": options.max_concurrent,
+            }
+        )
         sweep_id = find_sweep(storage, experiment.name, options.resume)
         saved = read_json(join_path(storage, sweep_id, "sweep.json"))
-        specs, settings = saved["trials"], SweepSettings(**saved["settings"])
+        specs, settings = saved["trials"], saved_settings(saved["settings"], experiment)
         check_reachable(settings.tracking_uri)
         tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
         print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
@@ -359,19 +391,20 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
     try:
         if options.resume:
             resolve_gpu(settings.use_gpu, wait_for_resources)
+            check_cpus(settings.cpus_per_worker, wait_for_resources)
             tracker.client.update_run(settings.parent_run_id, status="RUNNING")
         print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
             {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
         )
-        if experiment.is_decode:  # inference in the Tune trial itself
+        if is_decode(settings.kind):  # inference in the Tune trial itself
             trainable = decode_trainable(specs, asdict(settings))
         sweep_dir = join_path(storage, sweep_id)
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
             tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(trainable, list(specs), experiment, options, settings)
+            tuner = _new_tuner(trainable, list(specs), settings, options.address)
         grid = tuner.fit()
         statuses = _reconcile(tracker, settings, grid, list(specs))
     finally:
@@ -424,6 +457,9 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
         metric=experiment.metric,
         mode=experiment.mode,
         git_commit=commit,
+        kind=experiment.kind,
+        scheduler=asdict(experiment.scheduler) if experiment.scheduler else None,
+        max_concurrent=plan.max_concurrent,
     )
 
 
@@ -451,7 +487,7 @@ def trials_that_fit(resources: dict[str, float], workers: int, cpus_per_worker: 
     return max(1, int(fits))
 
 
-def max_concurrent_trials(experiment: Experiment, options: SweepOptions, settings: SweepSettings) -> int | None:
+def max_concurrent_trials(settings: SweepSettings, address: str | None) -> int | None:
     """The user's limit; on a local Ray, else, as many trials as its CPUs (GPUs) hold at once.
 
     Tune would start every trial's controller at once, and those that find no free CPUs wait, polling, with a
@@ -459,19 +495,19 @@ def max_concurrent_trials(experiment: Experiment, options: SweepOptions, setting
     """
     import ray
 
-    limit = concurrency_limit(experiment, options)
-    if limit or options.address or experiment.is_decode:
+    limit = settings.max_concurrent
+    if limit or address or is_decode(settings.kind):
         return limit
     return trials_that_fit(ray.cluster_resources(), settings.workers, settings.cpus_per_worker, settings.use_gpu)
 
 
-def _new_tuner(trainable, names, experiment, options, settings):
+def _new_tuner(trainable, names, settings: SweepSettings, address: str | None):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
-    if experiment.scheduler:
-        a = experiment.scheduler
+    if settings.scheduler:
+        a = ASHA(**settings.scheduler)
         scheduler = ASHAScheduler(
             time_attr=a.time_attr,
             max_t=a.max_t,
@@ -486,7 +522,7 @@ def _new_tuner(trainable, names, experiment, options, settings):
             metric=settings.metric,
             mode=settings.mode,
             scheduler=scheduler,
-            max_concurrent_trials=max_concurrent_trials(experiment, options, settings),
+            max_concurrent_trials=max_concurrent_trials(settings, address),
             # a trial's actor (its process, Ray Train imported) runs the next trial: ≈2.5 s less per trial. Not
             # with a scheduler: a trial it stops is still inside TorchTrainer.fit, and Tune errors the next trial.
             reuse_actors=scheduler is None,
