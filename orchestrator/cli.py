@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +19,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from gptcore.config import ConfigError
     from gptcore.data import DataError
     from orchestrator.experiment import ExperimentError
-    from orchestrator.report import ReportError
+    from orchestrator.results import ReportError
     from orchestrator.sweep import SweepError
     from orchestrator.tracking import TrackingError
 
@@ -29,8 +32,25 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.experiment import load_experiment, parse_overrides
     from orchestrator.report import write_report
-    from orchestrator.sweep import SweepOptions, describe_plan, exit_code, make_plan, run_sweep
+    from orchestrator.sweep import (
+        SweepOptions,
+        describe_plan,
+        exit_code,
+        make_plan,
+        refuse_changes_on_resume,
+        run_sweep,
+    )
 
+    if args.resume:  # before anything is read or started: the sweep is the one its sweep.json describes
+        refuse_changes_on_resume(
+            {
+                "--set": args.set,
+                "--workers": args.workers,
+                "--use-gpu": args.use_gpu,
+                "--cpus-per-worker": args.cpus_per_worker,
+                "--max-concurrent": args.max_concurrent,
+            }
+        )
     experiment = load_experiment(args.experiment)
     use_gpu = {"auto": "auto", "yes": True, "no": False, None: None}[args.use_gpu]
     options = SweepOptions(
@@ -111,10 +131,57 @@ def cmd_ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host]
     command += ["--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C to stop", flush=True)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
+    previous = {sig: signal.signal(sig, _stop_signal) for sig in STOP_SIGNALS}
+    server = None
+    try:  # the server in its own process group: it and its uvicorn worker are stopped together, by us only
+        server = subprocess.Popen(command, start_new_session=True)
+        return server.wait()
+    except _Stopped:
         return 0
+    finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C or SIGTERM does not cut the clean-up short
+        try:
+            if server is not None:
+                stop_process_group(server)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Stopped(Exception):
+    """SIGTERM or SIGINT reached ``ui``."""
+
+
+def _stop_signal(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to the process group ``proc`` leads, SIGKILL to what is left after ``timeout`` s; reaps ``proc``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # no process of the group is left
+            break
+        deadline = time.monotonic() + wait
+        while _group_alive(proc) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    """Whether a process of ``proc``'s group is left (``proc`` itself reaped as soon as it exits)."""
+    proc.poll()
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- sample
@@ -203,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="latest",
         metavar="SWEEP_ID",
-        help="continue an interrupted sweep (default: latest)",
+        help="continue an interrupted sweep (default: latest) as it was started: no --set, --workers, --use-gpu, "
+        "--cpus-per-worker or --max-concurrent",
     )
     run.add_argument("--workers", type=int, help="Ray Train workers per trial (overrides the experiment)")
     run.add_argument("--use-gpu", choices=["auto", "yes", "no"], help="train on GPUs (default: the experiment's)")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gptcore.config import ConfigError, JobConfig, field_type, nest, valid_keys
-from orchestrator.decoding import DECODE_METRICS, DecodeConfig, decode_field_type, decode_keys
+from orchestrator.decoding import DECODE_METRICS, DecodeConfig, decode_field_type, decode_keys, is_decode
 
 TRAIN_METRICS = ("val_loss", "train_loss", "best_val_loss", "val_perplexity")
 
@@ -99,7 +99,7 @@ class Experiment:
                 "(a single run is a grid with one value)"
             )
         self._check_kind()
-        decode = self.kind == "decode"
+        decode = self.is_decode
         known = set(config_keys(self.kind))
         examples = "decode.temperature, decode.top_k" if decode else "data.stride, model.pos_emb, train.lr"
         for key, values in self.grid.items():
@@ -132,11 +132,11 @@ class Experiment:
     def _check_kind(self) -> None:
         if self.kind not in ("train", "decode"):
             raise ExperimentError(f"kind must be 'train' or 'decode', got {self.kind!r}")
-        if self.kind == "train" and self.decode:
+        if not self.is_decode and self.decode:
             raise ExperimentError(
                 'decode={...} settings need kind="decode"; add it, or drop decode= from a training sweep'
             )
-        if self.kind == "decode":
+        if self.is_decode:
             if self.corpus is not None or self.model_overrides or self.data or self.train or self.scheduler:
                 raise ExperimentError(
                     "a decode experiment samples from a trained checkpoint: drop corpus/model_overrides/data/train/"
@@ -148,9 +148,14 @@ class Experiment:
                     f"decode={{...}} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(decode_keys())}"
                 )
 
+    @property
+    def is_decode(self) -> bool:
+        """A decode sweep (samples from one trained checkpoint) rather than a training sweep."""
+        return is_decode(self.kind)
+
     def base_config(self) -> dict[str, dict[str, Any]]:
         """The nested raw config every trial starts from."""
-        if self.kind == "decode":
+        if self.is_decode:
             return {"decode": dict(self.decode)}
         data = dict(self.data)
         if self.corpus is not None:
@@ -217,7 +222,7 @@ def parse_value(text: str) -> Any:
 
 def config_keys(kind: str = "train") -> list[str]:
     """The dotted keys an experiment of ``kind`` may use in its grid and ``--set``."""
-    return decode_keys() if kind == "decode" else valid_keys()
+    return decode_keys() if is_decode(kind) else valid_keys()
 
 
 def _field_type(key: str) -> Any:
@@ -245,7 +250,7 @@ def parse_overrides(items: Sequence[str], kind: str = "train") -> dict[str, Any]
         if not eq or not key:
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
         if key not in keys:
-            which = "decode config key" if kind == "decode" else "config key"
+            which = "decode config key" if is_decode(kind) else "config key"
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.85)
             hint = f"did you mean {close[0]}? " if close else ""
             raise ExperimentError(f"--set {key}: unknown {which}; {hint}valid keys: {', '.join(keys)}")
@@ -298,8 +303,7 @@ def expand_trials(experiment: Experiment, overrides: dict[str, Any] | None = Non
         config = _merge(base, params)
         name = trial_name(index, params)
         try:
-            decode = experiment.kind == "decode"
-            job = DecodeConfig.from_dict(config["decode"]) if decode else JobConfig.from_dict(config)
+            job = DecodeConfig.from_dict(config["decode"]) if experiment.is_decode else JobConfig.from_dict(config)
         except ConfigError as exc:
             raise ExperimentError(f"trial {name}: {exc}") from None
         trials.append(Trial(index, name, params, config, job))

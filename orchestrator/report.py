@@ -1,7 +1,7 @@
-"""Results of a sweep, read back from MLflow: a ranked table and loss plots.
+"""The report of a sweep: its results (read from MLflow by `orchestrator.results`) as a ranked table and plots.
 
-Everything here reads the tracking store (not console output), so it works on a finished,
-partial or resumed sweep, and from any machine that can reach the store.
+The table and plots are saved to a folder and logged to the sweep's parent run; a trial's own loss curve is
+logged to its run when it ends.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import csv
 import io
 import math
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,81 +17,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from mlflow import MlflowClient
 
-from orchestrator.decoding import DECODE_METRICS
-from orchestrator.tracking import (
-    BEST_CHECKPOINT_TAG,
-    ROLE_TAG,
-    STATUS_TAG,
-    SWEEP_TAG,
-    TRIAL_TAG,
-    client_for,
+from orchestrator.results import (
+    CURVES,
+    ReportError,
+    TrialResult,
+    find_parent_run,
+    is_decode_sweep,
+    metric_history,
+    trial_results,
 )
-
-
-class ReportError(RuntimeError):
-    """Nothing to report; the message says why."""
-
-
-@dataclass
-class TrialResult:
-    name: str
-    run_id: str
-    status: str
-    params: dict[str, str]  # grid values
-    best_val_loss: float = math.nan
-    final_val_loss: float = math.nan
-    final_train_loss: float = math.nan
-    tokens_seen: float = math.nan
-    tokens_per_sec: float = math.nan
-    wall_time_s: float = math.nan
-    params_trainable: float = math.nan
-    distinct_1: float = math.nan  # decode trials (orchestrator.decoding)
-    distinct_2: float = math.nan
-    repetition_rate: float = math.nan
-    self_perplexity: float = math.nan
-    best_checkpoint: str = ""
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
-
-
-def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    points = {m.step: m.value for m in client.get_metric_history(run_id, key)}  # last value per step wins
-    return sorted(points.items())
-
-
-def trial_results(client: MlflowClient, parent_run_id: str) -> list[TrialResult]:
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10_000
-    )
-    results = []
-    for run in runs:
-        m, tags = run.data.metrics, run.data.tags
-        curves = {key: _history(client, run.info.run_id, key) for key in ("val_loss", "train_loss", "tokens_seen")}
-        val = [v for _, v in curves["val_loss"] if math.isfinite(v)]
-        results.append(
-            TrialResult(
-                name=tags.get(TRIAL_TAG, run.info.run_name),
-                run_id=run.info.run_id,
-                status=tags.get(STATUS_TAG, run.info.status.lower()),
-                params={k.removeprefix("grid."): v for k, v in run.data.params.items() if k.startswith("grid.")},
-                best_val_loss=min(val) if val else math.nan,
-                final_val_loss=m.get("val_loss", math.nan),
-                final_train_loss=m.get("train_loss", math.nan),
-                tokens_seen=m.get("tokens_seen", math.nan),
-                tokens_per_sec=m.get("avg_tokens_per_sec", m.get("tokens_per_sec", math.nan)),
-                wall_time_s=m.get("wall_time_s", math.nan),
-                **{key: m.get(key, math.nan) for key in ("params_trainable", *DECODE_METRICS)},
-                best_checkpoint=tags.get(BEST_CHECKPOINT_TAG, tags.get("checkpoint", "")),
-                curves=curves,
-            )
-        )
-    return sorted(results, key=lambda r: (math.isnan(r.best_val_loss), r.best_val_loss, r.name))
-
-
-def is_decode_sweep(results: list[TrialResult]) -> bool:
-    return any(math.isfinite(r.self_perplexity) for r in results) and all(math.isnan(r.best_val_loss) for r in results)
+from orchestrator.tracking import SWEEP_TAG, TRIAL_TAG, client_for
 
 
 def ranking(results: list[TrialResult]) -> str:
@@ -234,25 +169,13 @@ def log_trial_curve(tracking_uri: str, run_id: str) -> None:
     client = client_for(tracking_uri)
     run = client.get_run(run_id)
     result = TrialResult(run.data.tags.get(TRIAL_TAG, run.info.run_name), run_id, "", {})
-    result.curves = {k: _history(client, run_id, k) for k in ("val_loss", "train_loss", "tokens_seen")}
+    result.curves = {k: metric_history(client, run_id, k) for k in CURVES}
     with tempfile.TemporaryDirectory() as tmp:
         path = plot_train_vs_val([result], Path(tmp) / "loss_curve.png", result.name)
         client.log_artifact(run_id, str(path))
 
 
 # --------------------------------------------------------------------------- the report
-
-
-def find_parent_run(client: MlflowClient, experiment: str, sweep_id: str | None = None):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ReportError(f"no MLflow experiment named {experiment!r} in this tracking store; run the sweep first")
-    query = f"tags.`{ROLE_TAG}` = 'sweep'" + (f" and tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else "")
-    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        which = f"sweep {sweep_id!r}" if sweep_id else "any sweep"
-        raise ReportError(f"no parent run for {which} of experiment {experiment!r}; run the sweep first")
-    return runs[0]
 
 
 def write_report(

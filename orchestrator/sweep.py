@@ -22,14 +22,17 @@ import pyarrow.fs as pafs
 
 from gptcore.data import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
 from gptcore.shards import Manifest, read_manifest
-from orchestrator.decoding import decode_rows, decode_trainable, resolve_checkpoints
-from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.decode_plan import decode_rows, resolve_checkpoints
+from orchestrator.decode_trial import decode_trainable
+from orchestrator.decoding import is_decode
+from orchestrator.experiment import ASHA, Experiment, ExperimentError, Trial, expand_trials
 from orchestrator.prepare import prepare, read_dataset_manifest, stage_locally
 from orchestrator.storage import absolute_storage, filesystem, read_json, storage_uri, write_json
 from orchestrator.storage import join as join_path
 from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
     HTTP_ENV,
+    KIND_TAG,
     STATUS_TAG,
     SweepTracker,
     check_reachable,
@@ -68,7 +71,7 @@ class SweepOptions:
 
 @dataclass
 class SweepSettings:
-    """What every trial needs to know; JSON-able, saved in sweep.json."""
+    """What every trial needs to know; JSON-able, saved in sweep.json: on --resume, the sweep as it was started."""
 
     sweep_id: str
     experiment: str
@@ -85,9 +88,31 @@ class SweepSettings:
     metric: str
     mode: str
     git_commit: str | None
+    # Saved since resume reads them from sweep.json (older files lack them: `saved_settings` takes the experiment's)
+    kind: str = "train"
+    scheduler: dict[str, Any] | None = None  # ASHA's fields
+    max_concurrent: int | None = None  # the user's limit (--max-concurrent, else the experiment's)
 
 
 # --------------------------------------------------------------------------- resuming
+
+
+def saved_settings(saved: dict[str, Any], experiment: Experiment) -> SweepSettings:
+    """The settings in a sweep.json; a field an older sweep.json lacks comes from the experiment file."""
+    scheduler = asdict(experiment.scheduler) if experiment.scheduler else None
+    defaults = {"kind": experiment.kind, "scheduler": scheduler, "max_concurrent": experiment.max_concurrent}
+    return SweepSettings(**{**defaults, **saved})
+
+
+def refuse_changes_on_resume(changes: dict[str, Any]) -> None:
+    """A resumed sweep is the one its sweep.json describes: options that would change it (flag -> value given, or
+    None) are refused, not ignored."""
+    given = [flag for flag, value in changes.items() if value not in (None, {}, [])]
+    if given:
+        raise SweepError(
+            f"--resume continues a sweep as it was started (its trials, scheduler, concurrency and resources are in "
+            f"its sweep.json) and cannot take {', '.join(given)}; start a new sweep without --resume to change them"
+        )
 
 
 def find_sweep(storage: str, experiment: str, which: str) -> str:
@@ -155,7 +180,7 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     if plan.experiment.scheduler:
         lines.append(f"scheduler: {plan.experiment.scheduler}")
     keys = list(plan.experiment.grid)
-    rows_of = decode_rows if plan.experiment.kind == "decode" else _train_rows
+    rows_of = decode_rows if plan.experiment.is_decode else _train_rows
     header, rows = rows_of(plan.trials, keys)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -347,9 +372,18 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
 
     storage = absolute_storage(options.storage, options.workdir)
     if options.resume:
+        refuse_changes_on_resume(
+            {
+                "--set": options.overrides,
+                "--workers": options.workers,
+                "--use-gpu": options.use_gpu,
+                "--cpus-per-worker": options.cpus_per_worker,
+                "--max-concurrent": options.max_concurrent,
+            }
+        )
         sweep_id = find_sweep(storage, experiment.name, options.resume)
         saved = read_json(join_path(storage, sweep_id, "sweep.json"))
-        specs, settings = saved["trials"], SweepSettings(**saved["settings"])
+        specs, settings = saved["trials"], saved_settings(saved["settings"], experiment)
         check_reachable(settings.tracking_uri)
         tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
         print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
@@ -358,7 +392,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         plan = make_plan(experiment, options)
         tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
         check_reachable(tracking_uri)
-        if experiment.kind == "decode":
+        if experiment.is_decode:
             plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
         else:
             check_data(plan.trials)
@@ -370,7 +404,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
             use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
             check_cpus(plan.cpus_per_worker, wait_for_resources)
-            datasets = prepare_data(plan.trials, storage) if experiment.kind != "decode" else {}
+            datasets = {} if experiment.is_decode else prepare_data(plan.trials, storage)
             tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
             settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
             specs = _create_trial_runs(tracker, settings, plan.trials, datasets)
@@ -381,19 +415,20 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
     try:
         if options.resume:
             resolve_gpu(settings.use_gpu, wait_for_resources)
+            check_cpus(settings.cpus_per_worker, wait_for_resources)
             tracker.client.update_run(settings.parent_run_id, status="RUNNING")
         print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
         trainable = ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
             {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
         )
-        if experiment.kind == "decode":  # inference in the Tune trial itself
+        if is_decode(settings.kind):  # inference in the Tune trial itself
             trainable = decode_trainable(specs, asdict(settings))
         sweep_dir = join_path(storage, sweep_id)
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
             tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(trainable, list(specs), experiment, options, settings)
+            tuner = _new_tuner(trainable, list(specs), settings, options.address)
         grid = tuner.fit()
         statuses = _reconcile(tracker, settings, grid, list(specs))
     finally:
@@ -421,6 +456,7 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
         tags={
             "experiment_file": options.experiment_file,
             "storage": storage,
+            KIND_TAG: experiment.kind,
             **({"git_commit": commit} if commit else {}),
         },
     )
@@ -445,6 +481,9 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
         metric=experiment.metric,
         mode=experiment.mode,
         git_commit=commit,
+        kind=experiment.kind,
+        scheduler=asdict(experiment.scheduler) if experiment.scheduler else None,
+        max_concurrent=plan.max_concurrent,
     )
 
 
@@ -493,7 +532,7 @@ def trials_that_fit(resources: dict[str, float], workers: int, cpus_per_worker: 
     return max(1, int(fits))
 
 
-def max_concurrent_trials(experiment: Experiment, options: SweepOptions, settings: SweepSettings) -> int | None:
+def max_concurrent_trials(settings: SweepSettings, address: str | None) -> int | None:
     """The user's limit; on a local Ray, else, as many trials as its CPUs (GPUs) hold at once.
 
     Tune would start every trial's controller at once, and those that find no free CPUs wait, polling, with a
@@ -501,19 +540,19 @@ def max_concurrent_trials(experiment: Experiment, options: SweepOptions, setting
     """
     import ray
 
-    limit = concurrency_limit(experiment, options)
-    if limit or options.address or experiment.kind == "decode":
+    limit = settings.max_concurrent
+    if limit or address or is_decode(settings.kind):
         return limit
     return trials_that_fit(ray.cluster_resources(), settings.workers, settings.cpus_per_worker, settings.use_gpu)
 
 
-def _new_tuner(trainable, names, experiment, options, settings):
+def _new_tuner(trainable, names, settings: SweepSettings, address: str | None):
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
-    if experiment.scheduler:
-        a = experiment.scheduler
+    if settings.scheduler:
+        a = ASHA(**settings.scheduler)
         scheduler = ASHAScheduler(
             time_attr=a.time_attr,
             max_t=a.max_t,
@@ -528,7 +567,7 @@ def _new_tuner(trainable, names, experiment, options, settings):
             metric=settings.metric,
             mode=settings.mode,
             scheduler=scheduler,
-            max_concurrent_trials=max_concurrent_trials(experiment, options, settings),
+            max_concurrent_trials=max_concurrent_trials(settings, address),
             # a trial's actor (its process, Ray Train imported) runs the next trial: ≈2.5 s less per trial. Not
             # with a scheduler: a trial it stops is still inside TorchTrainer.fit, and Tune errors the next trial.
             reuse_actors=scheduler is None,

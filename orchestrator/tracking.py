@@ -32,6 +32,7 @@ ROLE_TAG = "orchestrator.role"  # "sweep" | "trial"
 SWEEP_TAG = "orchestrator.sweep_id"
 TRIAL_TAG = "orchestrator.trial"
 STATUS_TAG = "orchestrator.status"  # running | finished | diverged | failed | stopped
+KIND_TAG = "orchestrator.kind"  # a sweep's parent run: "train" | "decode" (the experiment's kind)
 BEST_CHECKPOINT_TAG = "best_checkpoint"
 # Fail fast on an unreachable server; the RunLogger retries on its own schedule.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

@@ -7,6 +7,7 @@ Each is a child process started in its own session and stopped, with everything 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -21,7 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+try:
+    import psutil
+except ModuleNotFoundError:  # the venv's psutil may be the one Ray ships (ray/thirdparty_files), on sys.path after ray
+    import ray  # noqa: F401
+
+    psutil = importlib.import_module("psutil")
 
 BIN = Path(sys.executable).parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}

@@ -7,7 +7,9 @@ import pytest
 from gptcore.checkpoint import TrainState, save_checkpoint
 from gptcore.model import GPT
 from orchestrator.cli import main
-from orchestrator.decoding import DecodeConfig, resolve_checkpoint, sample_and_measure
+from orchestrator.decode_plan import resolve_checkpoint
+from orchestrator.decode_trial import sample_and_measure
+from orchestrator.decoding import DecodeConfig
 from orchestrator.experiment import expand_trials, load_experiment
 from tests.conftest import tiny_job
 
