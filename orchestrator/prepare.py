@@ -76,7 +76,7 @@ def stage_locally(plan: CorpusPlan) -> Path | None:
     """A small corpus prepared in this process under the cache (bad input found before Ray starts), else None."""
     if plan.split == "given" or needs_ray(plan):
         return None
-    return prepare_dataset(plan, cache_dir() / DATASETS)
+    return prepare_dataset(plan, cache_dir() / DATASETS / "staged")
 
 
 def publish(folder: Path, location: str) -> None:
@@ -249,6 +249,7 @@ def _download(location: str, folder: Path) -> None:
     manifest = read_dataset_manifest(location)
     if manifest is None:
         raise DataError(f"{location}: no {MANIFEST}, so not a prepared dataset; prepare the corpus again")
+    started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     fs, base = filesystem(location)
     for shard in manifest.shards:
@@ -264,6 +265,12 @@ def _download(location: str, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         raise DataError(f"{location}: {exc}") from None
     (folder / MANIFEST).write_text(manifest.to_json())
+    size = sum(HEADER_BYTES + 2 * s["tokens"] for s in manifest.shards)
+    print(
+        f"fetched dataset {manifest.key} from {location}: {len(manifest.shards)} shard(s), {size / 1e6:.1f} MB in "
+        f"{time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
 
 
 def _check_once(folder: Path, marker: Path) -> None:

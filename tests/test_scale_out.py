@@ -128,6 +128,8 @@ def test_sweep_finishes_on_two_nodes_after_a_worker_is_killed(scale_out):
     assert "Connected to Ray cluster" in scale_out.stderr
     assert f"{STEPS} steps (18/epoch), 144 train / 16 val windows, 2 worker(s) on cpu" in scale_out.stdout
     assert "resumed from step 18" in scale_out.stdout
+    # the dataset, prepared into the bucket before the trial, fetched once (the workers share this machine's cache)
+    assert (scale_out.stdout + scale_out.stderr).count(f"from s3://{BUCKET}/sweeps/datasets/") == 1
     assert "Results of sweep scale_out-" in scale_out.stdout
 
 

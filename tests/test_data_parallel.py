@@ -1,0 +1,115 @@
+"""Data parallelism in gptcore's loop, with real processes: 2 ranks over gloo (DDP), no Ray.
+
+2 ranks x batch b must train exactly as 1 rank x batch 2b (gradients synchronised, each rank its slice of every
+global batch), and a checkpoint taken mid-epoch must resume on 2 or on 1 rank with the batches and losses of the
+uninterrupted run (the data position is saved in windows of the epoch's order, not in per-rank batches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gptcore.config import JobConfig
+from gptcore.data import dataset_folder
+from gptcore.train import HookList, Hooks, LocalCheckpoints, train
+
+from .conftest import tiny_job
+
+STEPS, HALF = 8, 4
+
+
+class Losses(Hooks):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_step(self, ctx, state, metrics):
+        self.losses.append(metrics["loss"])
+
+
+def _rank(rank: int, world: int, init: str, job: dict, out: str, resume: str | None) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        losses = Losses()
+        train(
+            JobConfig.from_dict(job),
+            HookList(losses, LocalCheckpoints(Path(out) / "ckpt")),
+            resume_from=resume,
+            rank=rank,
+            world_size=world,
+            device="cpu",
+            wrap_model=torch.nn.parallel.DistributedDataParallel,
+        )
+        if rank == 0:
+            (Path(out) / "losses.json").write_text(json.dumps(losses.losses))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(tmp_path: Path, name: str, *, world: int, batch: int, steps: int, resume: Path | None = None) -> list[float]:
+    job = tiny_job(
+        model={"context_length": 32},
+        train={
+            "batch_size": batch,
+            "max_steps": steps,
+            "precision": "fp32",
+            "lr_schedule": "constant",
+            "eval_every": HALF,
+            "checkpoint_every": HALF,
+            "sample_max_new_tokens": 0,
+        },
+    )
+    dataset_folder(job)  # prepared once, before the ranks read it
+    out = tmp_path / name
+    out.mkdir()
+    if world == 1:
+        _rank_single(job, out, resume)
+    else:
+        mp.spawn(_rank, args=(world, str(out / "init"), job.to_dict(), str(out), resume and str(resume)), nprocs=world)
+    return json.loads((out / "losses.json").read_text())
+
+
+def _rank_single(job: JobConfig, out: Path, resume: Path | None) -> None:
+    losses = Losses()
+    train(job, HookList(losses, LocalCheckpoints(out / "ckpt")), resume_from=resume, device="cpu")
+    (out / "losses.json").write_text(json.dumps(losses.losses))
+
+
+def close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=1e-5) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """An uninterrupted 2-rank run, and one stopped at step HALF (its checkpoint is where a killed run resumes)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    full = run(tmp, "full", world=2, batch=2, steps=STEPS)
+    run(tmp, "first_half", world=2, batch=2, steps=HALF)
+    return tmp, full, tmp / "first_half" / "ckpt" / "latest"
+
+
+def test_two_ranks_train_as_one_rank_with_their_joint_batch(two_ranks, tmp_path):
+    _, full, _ = two_ranks
+    single = run(tmp_path, "single", world=1, batch=4, steps=STEPS)
+    assert close(full, single), (full, single)
+    assert len(set(full)) == STEPS  # the losses move: the comparison is not between constants
+
+
+def test_a_two_rank_run_resumes_mid_epoch_on_two_ranks(two_ranks, tmp_path):
+    _, full, checkpoint = two_ranks
+    assert json.loads((checkpoint / "meta.json").read_text())["state"]["samples_in_epoch"] == HALF * 4
+    resumed = run(tmp_path, "resumed", world=2, batch=2, steps=STEPS, resume=checkpoint)
+    assert close(resumed, full[HALF:]), (resumed, full[HALF:])
+
+
+def test_a_two_rank_run_resumes_mid_epoch_on_one_rank(two_ranks, tmp_path):
+    _, full, checkpoint = two_ranks
+    resumed = run(tmp_path, "one", world=1, batch=4, steps=STEPS, resume=checkpoint)
+    assert close(resumed, full[HALF:]), (resumed, full[HALF:])
