@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 
 import pyarrow.fs as pafs
 
@@ -127,7 +128,7 @@ def _uploaded(location: str, shards: list[dict]) -> bool:
 # --------------------------------------------------------------------------- the driver
 
 
-def prepare(plan: CorpusPlan, storage: str, *, out=sys.stdout) -> str:
+def prepare(plan: CorpusPlan, storage: str, *, out: TextIO | None = None) -> str:
     """Prepare ``plan`` under ``<storage>/datasets/<key>``; returns the location.
 
     A dataset whose manifest exists is left as it is. A small corpus is tokenized here (`stage_locally`) and
@@ -148,7 +149,7 @@ def prepare(plan: CorpusPlan, storage: str, *, out=sys.stdout) -> str:
         return location
     task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_group_task)
     pending = {task.remote(plan, g, location): g for g in range(len(plan.groups))}
-    progress = Progress(plan, out)
+    progress = Progress(plan, out or sys.stdout)
     results: list[GroupResult] = []
     try:
         while pending:
@@ -187,7 +188,7 @@ def remove_dataset(location: str) -> None:
 class Progress:
     """One line per finished group: files and tokens done, rate and time left."""
 
-    def __init__(self, plan: CorpusPlan, out):
+    def __init__(self, plan: CorpusPlan, out: TextIO):
         self.plan, self.out, self.started = plan, out, time.perf_counter()
         self.total_files, self.total_bytes = len(plan.sources), plan.total_bytes
         print(
