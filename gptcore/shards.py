@@ -340,6 +340,7 @@ def tokenize_group(
         return _tokenize_token_split(group, paths, out, val_fraction, shard_tokens)
     enc = get_tokenizer()
     writers = {s: ShardWriter(out, f"{s}_g{group:05d}", s, shard_tokens) for s in ("train", "val")}
+    buffers: dict[str, list[int]] = {"train": [], "val": []}  # ids gathered in lists: one array per ~1 M tokens
     documents = {"train": 0, "val": 0}
     result = GroupResult(group, [])
     for path in paths:
@@ -349,12 +350,19 @@ def tokenize_group(
                 continue
             empty = False
             which = "val" if is_validation(text, val_fraction) else "train"
-            writers[which].write(np.array([EOT_ID, *enc.encode_ordinary(text)], dtype=np.uint16))
+            buffer = buffers[which]
+            buffer.append(EOT_ID)
+            buffer.extend(enc.encode_ordinary(text))
             documents[which] += 1
+            if len(buffer) >= 1 << 20:
+                writers[which].write(np.array(buffer, dtype=np.uint16))
+                buffer.clear()
         if empty:
             raise DataError(f"{path}: no text (empty, only whitespace, or no records); remove it from the corpus")
         result.files += 1
         result.bytes += os.path.getsize(path)
+    for which, buffer in buffers.items():
+        writers[which].write(np.array(buffer, dtype=np.uint16))
     result.shards = writers["train"].close() + writers["val"].close()
     result.documents = documents
     return result

@@ -194,6 +194,9 @@ def test_child_runs_have_params_tags_and_every_step(studies):
         text = Path(client.download_artifacts(kid.info.run_id, "samples/step_000004.txt", str(work / "dl"))).read_text()
         assert text.startswith("Every effort moves you")
         assert "loss_curve.png" in [a.path for a in client.list_artifacts(kid.info.run_id)]
+        (dataset,) = [d.dataset for d in kid.inputs.dataset_inputs]  # the UI's Dataset column
+        assert dataset.name == "the-verdict" and len(dataset.digest) == 24
+        assert json.loads(dataset.profile)["train_tokens"] == 4630 and json.loads(dataset.profile)["val_tokens"] == 515
 
 
 def test_ray_checkpoints_load_into_gptcore_and_sample(studies):
@@ -291,6 +294,7 @@ def test_mlflow_ui_shows_the_sweep_in_headless_chromium(studies):
         row.locator('[col-id="attributes.`Run Name`"]').locator("button, [role=button]").first.click()
         for name in kids:
             expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("the-verdict").first).to_be_visible(timeout=30_000)  # the Dataset column
         page.screenshot(path=str(ARTIFACTS / "mlflow_ui_sweep.png"), full_page=True)
         # A trial's page: its parent, params and metrics.
         page.goto(f"{url}/#/experiments/{experiment_id}/runs/{child.info.run_id}?workflowType=machine_learning")
