@@ -21,7 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+try:
+    import psutil  # a dev dependency (pip install -e '.[dev]')
+except ModuleNotFoundError:  # not installed: Ray's vendored copy, which `import ray` puts on sys.path
+    import ray  # noqa: F401
+
+    # isort: split
+    import psutil
 
 BIN = Path(sys.executable).parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 
 from gptcore.checkpoint import load_checkpoint, load_model
 from gptcore.sampling import generate_text
+from tests.servers import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 ray_test = pytest.mark.ray
