@@ -7,6 +7,7 @@ Each is a child process started in its own session and stopped, with everything 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -22,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
-    import psutil  # a dev dependency (pip install -e '.[dev]')
-except ModuleNotFoundError:  # not installed: Ray's vendored copy, which `import ray` puts on sys.path
+    import psutil
+except ModuleNotFoundError:  # the venv's psutil may be the one Ray ships (ray/thirdparty_files), on sys.path after ray
     import ray  # noqa: F401
 
-    # isort: split
-    import psutil
+    psutil = importlib.import_module("psutil")
 
 BIN = Path(sys.executable).parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
