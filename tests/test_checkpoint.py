@@ -206,6 +206,7 @@ def test_ddp_resume_restores_every_ranks_rng_state(tmp_path):
     the ranks, so rank 1's dropout masks show in it.)"""
     import torch.multiprocessing as mp
 
+    build_datasets(tiny_job())  # the corpus is tokenized once, before the ranks read it
     mp.spawn(_ddp_resume_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -9,7 +9,7 @@ from gptcore.model import GPT
 from orchestrator.cli import main
 from orchestrator.decoding import DecodeConfig, resolve_checkpoint, sample_and_measure
 from orchestrator.experiment import expand_trials, load_experiment
-from tests.conftest import REPO, tiny_job
+from tests.conftest import tiny_job
 
 DECODE = """
 from orchestrator import Experiment, grid
@@ -80,6 +80,8 @@ def test_malformed_decode_experiment_gets_one_clear_error(tmp_path, capsys, text
 
 
 def test_overrides_must_fit_the_experiment_kind(tmp_path, capsys):
+    from tests.conftest import REPO  # the experiment file from the repository, whatever the current directory
+
     assert main(["run", str(write(tmp_path)), "--dry-run", "--set", "train.lr=1e-3"]) == 2
     assert "unknown decode config key" in capsys.readouterr().err
     assert main(["run", str(REPO / "experiments" / "stride_sweep.py"), "--dry-run", "--set", "decode.top_k=5"]) == 2

@@ -1,10 +1,8 @@
 """Report plots of a large sweep stay readable: the best trials named, the rest grey, a bounded panel grid."""
 
-import csv
-
 from PIL import Image
 
-from orchestrator.report import MAX_NAMED, MAX_PANELS, TrialResult, plot_train_vs_val, plot_val_vs_tokens
+from orchestrator.report import MAX_PANELS, TrialResult, plot_train_vs_val, plot_val_vs_tokens
 
 
 def trials(n: int) -> list[TrialResult]:
@@ -25,21 +23,13 @@ def trials(n: int) -> list[TrialResult]:
     ]
 
 
-def test_large_sweep_plots_are_bounded(tmp_path):
-    small = Image.open(plot_val_vs_tokens(trials(3), tmp_path / "small.png", "3 trials"))
-    large = Image.open(plot_val_vs_tokens(trials(36), tmp_path / "large.png", "36 trials"))
-    assert large.width > small.width  # the legend moves beside the axes instead of over them
-    panels = Image.open(plot_train_vs_val(trials(36), tmp_path / "panels.png", "36 trials"))
-    few = Image.open(plot_train_vs_val(trials(MAX_PANELS), tmp_path / "few.png", "9 trials"))
-    assert panels.size == few.size  # 36 trials draw the best 9 panels, not 12 rows of 3
-
-
 # --------------------------------------------------------------------------- ranking
 
 
 def test_trials_are_ranked_by_best_val_loss(tmp_path):
     """The table ranks trials by their best validation loss (not the last, not grid order), ties by name, trials
     without one last; results.md/.csv/.txt, the returned results and the parent's best_trial all keep that order."""
+    import csv
     import math
 
     from mlflow.entities import Metric
@@ -90,6 +80,7 @@ def test_trials_are_ranked_by_best_val_loss(tmp_path):
 def test_plots_name_the_best_trials_in_rank_order(monkeypatch, tmp_path):
     """The legend names the first MAX_NAMED trials of the ranking (best first), the panels show the first MAX_PANELS."""
     import orchestrator.report as report
+    from orchestrator.report import MAX_NAMED
 
     figures, close = [], report.plt.close
     monkeypatch.setattr(report.plt, "close", figures.append)  # keep the figures to read them
@@ -102,3 +93,12 @@ def test_plots_name_the_best_trials_in_rank_order(monkeypatch, tmp_path):
     assert [ax.get_title() for ax in panels.axes if ax.get_title()] == [r.name for r in ranked[:MAX_PANELS]]
     for figure in figures:
         close(figure)
+
+
+def test_large_sweep_plots_are_bounded(tmp_path):
+    small = Image.open(plot_val_vs_tokens(trials(3), tmp_path / "small.png", "3 trials"))
+    large = Image.open(plot_val_vs_tokens(trials(36), tmp_path / "large.png", "36 trials"))
+    assert large.width > small.width  # the legend moves beside the axes instead of over them
+    panels = Image.open(plot_train_vs_val(trials(36), tmp_path / "panels.png", "36 trials"))
+    few = Image.open(plot_train_vs_val(trials(MAX_PANELS), tmp_path / "few.png", "9 trials"))
+    assert panels.size == few.size  # 36 trials draw the best 9 panels, not 12 rows of 3
