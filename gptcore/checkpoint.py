@@ -1,7 +1,7 @@
 """Checkpoints: a folder with weights and optimizer state in safetensors plus JSON metadata.
 
     model.safetensors      model weights (a tied head is stored once, as tok_emb.weight)
-    optimizer.safetensors  optimizer moments and RNG states
+    optimizer.safetensors  optimizer moments and every rank's RNG states
     meta.json              format, config, train state, optimizer hyper-parameters, file sizes
 
 Folders are written next to their destination and renamed into place, so a process killed while
@@ -11,6 +11,7 @@ is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -18,13 +19,15 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -92,12 +95,45 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    rng = {"rng.cpu": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states: ``cpu`` and ``cuda.{i}`` for each visible GPU."""
+    rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"rng.cuda.{i}"] = s
+            rng[f"cuda.{i}"] = s
     return rng
+
+
+def gather_rng_states(device: torch.device | str | None = None) -> list[dict[str, torch.Tensor]] | None:
+    """Every rank's `rng_state`, in rank order, under torch.distributed (None outside it, or with one rank).
+
+    A collective: every rank must call it at the same point. ``device`` is this rank's training device (NCCL
+    exchanges objects through the current CUDA device).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    states: list[Any] = [None] * dist.get_world_size()
+    device = torch.device(device) if device is not None else None
+    with torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(states, rng_state())
+    return states
+
+
+def _rng_tensors(states: Sequence[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """``rng.rank{r}.cpu`` and ``rng.rank{r}.cuda.{i}`` for every rank in ``states`` (default: this process only).
+
+    Checkpoints written before per-rank states hold one state, ``rng.cpu`` / ``rng.cuda.{i}`` (`restore_rng`).
+    """
+    if states is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        states_by_rank = {rank: rng_state()}
+    else:
+        states_by_rank = dict(enumerate(states))
+    return {
+        f"rng.rank{rank}.{key}": value.detach().cpu().contiguous()
+        for rank, state in states_by_rank.items()
+        for key, value in state.items()
+    }
 
 
 @dataclass
@@ -125,9 +161,13 @@ def take_snapshot(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: torch.amp.GradScaler | None = None,
     extra: dict[str, Any] | None = None,
+    rng_states: Sequence[dict[str, torch.Tensor]] | None = None,
     copy: bool = True,
 ) -> Snapshot:
-    """Everything a checkpoint holds, as of now. ``copy=False`` shares CPU tensors (only for an immediate write)."""
+    """Everything a checkpoint holds, as of now. ``copy=False`` shares CPU tensors (only for an immediate write).
+
+    ``rng_states``: every rank's RNG state (`gather_rng_states`); default: this process's only.
+    """
     tensors = {k: _host(v, copy) for k, v in model_state_dict(model).items()}
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -136,7 +176,7 @@ def take_snapshot(
         "state": state.to_dict(),
         "extra": extra or {},
     }
-    opt_tensors = _rng_tensors()
+    opt_tensors = _rng_tensors(rng_states)
     if optimizer is not None:
         sd = optimizer.state_dict()
         meta["optimizer"] = {"param_groups": sd["param_groups"], "scalars": {}}
@@ -389,11 +429,31 @@ def check_fits(path: str | Path, config: GPTConfig) -> None:
     )
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
-    if "rng.cpu" in rng:
-        torch.set_rng_state(rng["rng.cpu"])
-    for key, value in rng.items():
-        if key.startswith("rng.cuda.") and torch.cuda.is_available():
+def restore_rng(rng: dict[str, torch.Tensor], *, rank: int = 0, seed: int | None = None) -> None:
+    """Set this rank's torch RNG states from a checkpoint's ``rng`` tensors.
+
+    Each rank gets its own saved state (``rng.rank{rank}.*``). A checkpoint written before per-rank states
+    holds rank 0's only (``rng.cpu``): every rank gets that, as before. A rank the checkpoint has no state for
+    (it was saved by fewer ranks) re-seeds with ``seed`` (default ``rank``), with a warning.
+    """
+    prefix = f"rng.rank{rank}."
+    own = {key.removeprefix(prefix): value for key, value in rng.items() if key.startswith(prefix)}
+    if not own and any(key.startswith("rng.rank") for key in rng):
+        saved = len({key.split(".")[1] for key in rng if key.startswith("rng.rank")})
+        seed = rank if seed is None else seed
+        warnings.warn(
+            f"the checkpoint holds the RNG states of {saved} rank(s), none for rank {rank}: rank {rank} re-seeds "
+            f"with {seed} (its random numbers, e.g. dropout masks, differ from an uninterrupted run)",
+            stacklevel=2,
+        )
+        torch.manual_seed(seed)
+        return
+    if not own:  # an older checkpoint: rank 0's state only
+        own = {key.removeprefix("rng."): value for key, value in rng.items()}
+    if "cpu" in own:
+        torch.set_rng_state(own["cpu"])
+    for key, value in own.items():
+        if key.startswith("cuda.") and torch.cuda.is_available():
             index = int(key.rsplit(".", 1)[1])
             if index < torch.cuda.device_count():
                 torch.cuda.set_rng_state(value, index)

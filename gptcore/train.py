@@ -28,6 +28,7 @@ from gptcore.checkpoint import (
     Snapshot,
     TrainState,
     check_resumable,
+    gather_rng_states,
     load_checkpoint,
     load_model_weights,
     restore_rng,
@@ -382,7 +383,7 @@ def train(
             optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.scaler_state:
             scaler.load_state_dict(ckpt.scaler_state)
-        restore_rng(ckpt.rng)
+        restore_rng(ckpt.rng, rank=rank, seed=t.seed + rank)
         state = ckpt.state
         state.data_key = train_ds.key or state.data_key
     raw_model = model
@@ -408,8 +409,18 @@ def train(
     )
     hooks.on_train_start(ctx, state)
 
+    rng_states: list[dict[str, torch.Tensor]] = []  # every rank's, gathered at the checkpoint point being saved
+
     def take(copy: bool) -> Snapshot:
-        return take_snapshot(model=raw_model, config=config, state=state, optimizer=optimizer, scaler=scaler, copy=copy)
+        return take_snapshot(
+            model=raw_model,
+            config=config,
+            state=state,
+            optimizer=optimizer,
+            scaler=scaler,
+            rng_states=rng_states or None,
+            copy=copy,
+        )
 
     writer = CheckpointWriter()
     save = CheckpointSaver(take, writer)
@@ -434,7 +445,10 @@ def train(
                     temperature=t.sample_temperature,
                     top_k=t.sample_top_k,
                 )[0]
+        if checkpoint:  # a collective on every rank: rank 0's hooks save every rank's RNG state
+            rng_states[:] = gather_rng_states(device) or []
         hooks.on_eval(ctx, state, metrics, sample, save if checkpoint else None)
+        rng_states.clear()
         return metrics
 
     status, metrics = "finished", {}

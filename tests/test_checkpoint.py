@@ -156,3 +156,85 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert (path / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp folder left behind
     load_model(path)
+
+
+# --------------------------------------------------------------------------- resume under DDP
+
+
+def _ddp_resume_worker(rank: int, world_size: int, tmp: str) -> None:
+    """One of ``world_size`` gloo ranks: an uninterrupted run, then a run stopped at step 4 and resumed."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        common = {"precision": "fp32", "lr_schedule": "constant", "eval_every": 2, "eval_iters": 1}
+        common |= {"num_threads": 1, "sample_max_new_tokens": 0}
+
+        def job(**train_section):
+            return tiny_job(model={"dropout": 0.3}, train={**common, **train_section})
+
+        run = dict(rank=rank, world_size=world_size, device="cpu", wrap_model=DistributedDataParallel)
+
+        def losses(config, resume_from=None):
+            rec = StepLosses()
+            train(config, rec, resume_from=resume_from, **run)
+            return rec.losses
+
+        full = losses(job(max_steps=6))
+        train(job(max_steps=4, checkpoint_every=4), LocalCheckpoints(f"{tmp}/ck"), **run)
+        dist.barrier()  # rank 0's checkpoint is on disk before any rank reads it
+        resumed = losses(job(max_steps=6), f"{tmp}/ck/latest")
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump({"full": full, "resumed": resumed}, f)
+        dist.barrier()  # neither rank leaves the group while the other may still use it
+    finally:
+        dist.destroy_process_group()
+
+
+class StepLosses(Hooks):
+    def __init__(self):
+        self.losses = []
+
+    def on_step(self, ctx, state, metrics):
+        self.losses.append(metrics["loss"])
+
+
+def test_ddp_resume_restores_every_ranks_rng_state(tmp_path):
+    """With dropout on, 2 DDP ranks (seeded seed + rank) resumed from a checkpoint take the same steps as an
+    uninterrupted run: each rank gets its own RNG state back, not rank 0's. (The logged loss is the mean over
+    the ranks, so rank 1's dropout masks show in it.)"""
+    import torch.multiprocessing as mp
+
+    build_datasets(tiny_job())  # the corpus is tokenized once, before the ranks read it
+    mp.spawn(_ddp_resume_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(out["full"]) == 6 and out["resumed"] == out["full"][4:], f"rank {rank}: {out}"
+    ckpt = load_checkpoint(tmp_path / "ck" / "latest")
+    assert {"rng.rank0.cpu", "rng.rank1.cpu"} <= set(ckpt.rng)
+    assert not torch.equal(ckpt.rng["rng.rank0.cpu"], ckpt.rng["rng.rank1.cpu"])
+
+
+def test_each_rank_restores_its_own_rng_state():
+    """Per-rank states go to their ranks; an older checkpoint's single state to every rank; a rank the checkpoint
+    has no state for (more ranks than saved) re-seeds with its seed, and says so."""
+    from gptcore.checkpoint import _rng_tensors, restore_rng
+
+    def state_after(seed):
+        torch.manual_seed(seed)
+        return torch.get_rng_state()
+
+    saved = _rng_tensors([{"cpu": state_after(10)}, {"cpu": state_after(11)}])
+    assert sorted(saved) == ["rng.rank0.cpu", "rng.rank1.cpu"]
+    for rank, seed in [(0, 10), (1, 11)]:
+        torch.manual_seed(99)
+        restore_rng(saved, rank=rank, seed=123 + rank)
+        assert torch.equal(torch.get_rng_state(), state_after(seed))
+    with pytest.warns(UserWarning, match="RNG states of 2 rank.*none for rank 2: rank 2 re-seeds with 125"):
+        restore_rng(saved, rank=2, seed=125)
+    assert torch.initial_seed() == 125 and torch.equal(torch.get_rng_state(), state_after(125))
+    for rank in (0, 1):  # a checkpoint from before per-rank states
+        torch.manual_seed(99)
+        restore_rng({"rng.cpu": state_after(7)}, rank=rank, seed=123 + rank)
+        assert torch.equal(torch.get_rng_state(), state_after(7))

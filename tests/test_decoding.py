@@ -82,9 +82,11 @@ def test_malformed_decode_experiment_gets_one_clear_error(tmp_path, capsys, text
 
 
 def test_overrides_must_fit_the_experiment_kind(tmp_path, capsys):
+    from tests.conftest import REPO  # the experiment file from the repository, whatever the current directory
+
     assert main(["run", str(write(tmp_path)), "--dry-run", "--set", "train.lr=1e-3"]) == 2
     assert "unknown decode config key" in capsys.readouterr().err
-    assert main(["run", "experiments/stride_sweep.py", "--dry-run", "--set", "decode.top_k=5"]) == 2
+    assert main(["run", str(REPO / "experiments" / "stride_sweep.py"), "--dry-run", "--set", "decode.top_k=5"]) == 2
     assert "decode.top_k: unknown config key" in capsys.readouterr().err
 
 

@@ -61,7 +61,8 @@ def test_precision_resolution():
     assert resolve_precision("fp16", cuda) is torch.float16
     auto = resolve_precision("auto", cpu)
     assert auto in (None, torch.bfloat16)
-    assert (auto is torch.bfloat16) == torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert (auto is torch.bfloat16) == native_bf16  # bf16 exactly where the CPU has native bf16 instructions
 
 
 def test_evaluate_uses_eval_mode_and_no_grad():
@@ -99,15 +100,42 @@ def test_same_seed_same_run():
     assert a.metrics["val_loss"] == b.metrics["val_loss"]
 
 
+class MicroBatches(Recorder):
+    """Records every training forward's loss (one per micro-batch) and the parameters at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.micro_losses, self.params = [], None
+
+    def on_train_start(self, ctx, state):
+        def record(module, args, kwargs, output):
+            if module.training and kwargs.get("targets") is not None:
+                self.micro_losses.append(output.item())
+
+        ctx.model.register_forward_hook(record, with_kwargs=True)
+
+    def on_train_end(self, ctx, state, result):
+        self.params = {k: v.detach().clone() for k, v in ctx.model.named_parameters()}
+
+
 def test_gradient_accumulation_matches_a_larger_batch():
-    """2 micro-batches of 2 give the same update as one batch of 4 (fp32, no dropout, same order)."""
-    common = {"precision": "fp32", "max_steps": 2, "eval_iters": 100}  # evaluate on all windows
-    job_big = tiny_job(train={**common, "batch_size": 4, "grad_accum_steps": 1})
-    job_acc = tiny_job(train={**common, "batch_size": 2, "grad_accum_steps": 2})
+    """3 micro-batches of 2 make the same optimizer step as one batch of 6 (fp32, no dropout, same windows), and
+    the logged step loss is the mean of the micro-batch losses, not their sum."""
+    common = {"precision": "fp32", "max_steps": 1, "eval_iters": 1, "sample_max_new_tokens": 0}
+    big, acc = MicroBatches(), MicroBatches()
     # same data order: the sampler shuffles windows, micro-batches are consecutive slices of it
-    big, acc = train(job_big), train(job_acc)
-    assert big.state.tokens_seen == acc.state.tokens_seen
-    assert big.metrics["val_loss"] == pytest.approx(acc.metrics["val_loss"], abs=1e-4)
+    big_result = train(tiny_job(train={**common, "batch_size": 6, "grad_accum_steps": 1}), big)
+    acc_result = train(tiny_job(train={**common, "batch_size": 2, "grad_accum_steps": 3}), acc)
+    assert big_result.state.tokens_seen == acc_result.state.tokens_seen == 6 * 32
+    assert len(big.micro_losses) == 1 and len(acc.micro_losses) == 3
+    (_, big_step), (_, acc_step) = big.steps[0], acc.steps[0]
+    assert acc_step["loss"] == pytest.approx(sum(acc.micro_losses) / 3, rel=1e-6)
+    assert acc_step["loss"] == pytest.approx(big_step["loss"], rel=1e-6)
+    # AdamW's step barely changes when the gradient is scaled, so a summed (k times too large) gradient shows in
+    # grad_norm (taken before clipping), not in the parameters; these catch a gradient with the wrong direction
+    assert acc_step["grad_norm"] == pytest.approx(big_step["grad_norm"], rel=1e-5)
+    for name, value in big.params.items():
+        torch.testing.assert_close(acc.params[name], value, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_epochs_and_checkpoint_points():
