@@ -98,22 +98,16 @@ def random_batch(batch_size: int, context: int, device: Any = "cpu", vocab_size:
 def our_step(
     model: Any, optimizer: Any, batch: tuple[Any, Any], dtype: Any, grad_clip: float = 0.0
 ) -> Callable[[], None]:
-    """One optimizer step as `gptcore.train.train` takes it (autocast, the loss in the forward, optional clipping)."""
+    """One optimizer step as `gptcore.train.train` takes it: `gptcore.train.optimizer_step` itself."""
     import torch
 
-    from gptcore.train import autocast
+    from gptcore.train import optimizer_step
 
-    x, y = batch
-    params = [p for p in model.parameters() if p.requires_grad]
+    x, _ = batch
+    scaler = torch.amp.GradScaler(x.device.type, enabled=dtype == torch.float16)
 
     def step() -> None:
-        with autocast(x.device, dtype):
-            loss = model(x, targets=y)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, [batch], device=x.device, dtype=dtype, grad_clip=grad_clip)
 
     return step
 

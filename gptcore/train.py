@@ -13,7 +13,7 @@ import math
 import platform
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from gptcore.checkpoint import (
     take_snapshot,
     write_snapshot,
 )
-from gptcore.config import JobConfig
+from gptcore.config import JobConfig, TrainConfig
 from gptcore.data import SlidingWindowDataset, build_datasets, make_loader
 from gptcore.model import GPT
 from gptcore.sampling import generate_text
@@ -308,6 +308,266 @@ def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str,
     return model.to(device), report
 
 
+class CheckpointSchedule:
+    """Decides, after each step, whether to evaluate and whether to checkpoint.
+
+    Every ``train.checkpoint_every`` steps; or, when that is 0, once an epoch at the first evaluation from the
+    epoch's end on (no evaluation is added for it); and always at the last step, which is also evaluated.
+    """
+
+    def __init__(self, train: TrainConfig):
+        self.eval_every, self.checkpoint_every = train.eval_every, train.checkpoint_every
+        self.pending = False  # an epoch ended since the last checkpoint
+
+    def after_step(self, step: int, *, epoch_end: bool, last: bool) -> tuple[bool, bool]:
+        """(evaluate, checkpoint) after optimizer step ``step``."""
+        eval_due = bool(self.eval_every) and step % self.eval_every == 0
+        if self.checkpoint_every:
+            checkpoint = step % self.checkpoint_every == 0
+        else:
+            self.pending = self.pending or epoch_end
+            checkpoint = self.pending and (eval_due or not self.eval_every)
+        checkpoint = checkpoint or last
+        self.pending = self.pending and not checkpoint
+        return eval_due or checkpoint, checkpoint
+
+
+@dataclass
+class Run:
+    """What the loop works on, built once by `setup`: the job, the model (wrapped and not), optimizer and data."""
+
+    config: JobConfig
+    ctx: TrainContext
+    model: torch.nn.Module  # compiled and/or wrapped (DDP): what forward and backward go through
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    train_ds: SlidingWindowDataset
+    eval_loaders: dict[str, torch.utils.data.DataLoader]  # train_loss / val_loss -> loader
+    hooks: Hooks
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+    rng_states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # gathered at a checkpoint point
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.train.batch_size * self.ctx.world_size
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches from the saved data position of the current epoch on."""
+        t, ctx = self.config.train, self.ctx
+        loader = make_loader(
+            self.train_ds,
+            t.batch_size,
+            shuffle=True,
+            drop_last=True,
+            seed=t.seed,
+            epoch=self.state.epoch,
+            start=self.state.samples_in_epoch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            pin_memory=ctx.device.type == "cuda",
+        )
+        return iter(loader)
+
+    def saver(self) -> CheckpointSaver:
+        def take(copy: bool) -> Snapshot:
+            return take_snapshot(
+                model=self.ctx.model,
+                config=self.config,
+                state=self.state,
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+                rng_states=self.rng_states or None,
+                copy=copy,
+            )
+
+        return CheckpointSaver(take, self.writer)
+
+
+def setup(
+    config: JobConfig,
+    hooks: Hooks,
+    *,
+    resume_from: str | Path | None,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None,
+    datasets: tuple[SlidingWindowDataset, SlidingWindowDataset] | None,
+    data_dir: str | Path | None,
+) -> Run:
+    """Seed, data, model, optimizer, and the state of a resumed run; the `Run` the loop works on."""
+    t = config.train
+    if device.type == "cpu":
+        keep_freed_memory_mapped()
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+    dtype = resolve_precision(t.precision, device)
+    set_seed(t.seed + rank)
+    train_ds, val_ds = datasets or build_datasets(config, data_dir)
+    batches_per_epoch = len(train_ds) // (t.batch_size * world_size)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"the train split has {len(train_ds)} windows, fewer than train.batch_size={t.batch_size} x "
+            f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
+    model, init_report = build_model(config, device)
+    optimizer = configure_optimizer(model, config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = resume(resume_from, config, model, optimizer, scaler, train_ds.key, rank) or TrainState(
+        seed=t.seed, data_key=train_ds.key
+    )
+    ctx = TrainContext(
+        config=config,
+        model=model,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        train_windows=len(train_ds),
+        val_windows=len(val_ds),
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch)),
+        dtype=dtype,
+        resumed_from=str(resume_from) if resume_from else None,
+        init_report=init_report,
+    )
+    wrapped = torch.compile(model) if t.compile else model
+    wrapped = wrap_model(wrapped) if wrap_model is not None else wrapped
+
+    def eval_loader(dataset: SlidingWindowDataset) -> torch.utils.data.DataLoader:
+        pin = device.type == "cuda"
+        return make_loader(
+            dataset, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
+        )
+
+    loaders = {"train_loss": eval_loader(train_ds), "val_loss": eval_loader(val_ds)}
+    return Run(config, ctx, wrapped, optimizer, scaler, state, train_ds, loaders, hooks)
+
+
+def resume(
+    path: str | Path | None,
+    config: JobConfig,
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    data_key: str,
+    rank: int,
+) -> TrainState | None:
+    """Load a checkpoint's weights, optimizer, scaler and this rank's RNG state; its train state (None: no path)."""
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, config, data_key)
+    load_model_weights(model, ckpt.model_state, source=str(path))
+    if ckpt.optimizer_state is not None:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    if ckpt.scaler_state:
+        scaler.load_state_dict(ckpt.scaler_state)
+    restore_rng(ckpt.rng, rank=rank, seed=config.train.seed + rank)
+    ckpt.state.data_key = data_key or ckpt.state.data_key
+    return ckpt.state
+
+
+def forward_backward_step(
+    model: torch.nn.Module,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_micro: int,
+    sync: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One of ``n_micro`` micro-batches: forward, loss / n_micro, backward (gradients all-reduced only if ``sync``)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    no_sync = not sync and hasattr(model, "no_sync")
+    with model.no_sync() if no_sync else contextlib.nullcontext(), autocast(device, dtype):
+        loss = model(x, targets=y) / n_micro
+    scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    grad_clip: float,
+) -> tuple[torch.Tensor, float]:
+    """Accumulate gradients over ``micro_batches``, clip, step: the mean loss (a tensor) and the gradient norm."""
+    n = len(micro_batches)
+    loss = sum(
+        forward_backward_step(model, scaler, x, y, n_micro=n, sync=i == n - 1, device=device, dtype=dtype)
+        for i, (x, y) in enumerate(micro_batches)
+    )
+    grad_norm = float("nan")
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """One optimizer step over ``grad_accum_steps`` micro-batches (fewer at an epoch's end); its metrics."""
+    t, ctx, state = run.config.train, run.ctx, run.state
+    started = time.perf_counter()
+    lr = learning_rate(state.step, ctx.total_steps, run.config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    n_micro = min(t.grad_accum_steps, (len(run.train_ds) - state.samples_in_epoch) // run.global_batch)
+    micro_batches = [next(batches) for _ in range(n_micro)]
+    loss, grad_norm = optimizer_step(
+        run.model, run.optimizer, run.scaler, micro_batches, device=ctx.device, dtype=ctx.dtype, grad_clip=t.grad_clip
+    )
+    tokens = n_micro * run.global_batch * run.config.model.context_length
+    state.step += 1
+    state.samples_in_epoch += n_micro * run.global_batch
+    state.tokens_seen += tokens
+    metrics = {"loss": _all_reduce_mean(float(loss), ctx.device), "lr": lr, "grad_norm": grad_norm}
+    metrics["tokens_seen"] = float(state.tokens_seen)
+    metrics["tokens_per_sec"] = tokens / (time.perf_counter() - started)
+    metrics["epoch"] = ctx.epochs_done(state)
+    return metrics
+
+
+def evaluate_and_report(run: Run, checkpoint: bool, extra: dict[str, float]) -> dict[str, float]:
+    """Train/val loss, a sample, then the hooks' `on_eval` (with a saver at checkpoint points); the metrics."""
+    t, ctx, state = run.config.train, run.ctx, run.state
+    metrics = {
+        name: evaluate(run.model, loader, t.eval_iters, ctx.device, ctx.dtype)
+        for name, loader in run.eval_loaders.items()
+    }
+    metrics.update(extra)
+    metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+    state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
+    metrics["best_val_loss"] = state.best_val_loss
+    want_sample = t.sample_every is None or (t.sample_every > 0 and state.step % t.sample_every == 0)
+    sample = None
+    if want_sample and ctx.is_main and t.sample_max_new_tokens > 0:
+        with autocast(ctx.device, ctx.dtype):
+            sample = generate_text(
+                ctx.model,
+                t.sample_prompt,
+                t.sample_max_new_tokens,
+                temperature=t.sample_temperature,
+                top_k=t.sample_top_k,
+            )[0]
+    if checkpoint:  # a collective on every rank: rank 0's hooks save every rank's RNG state
+        run.rng_states[:] = gather_rng_states(ctx.device) or []
+    run.hooks.on_eval(ctx, state, metrics, sample, run.saver() if checkpoint else None)
+    run.rng_states.clear()
+    return metrics
+
+
 def train(
     config: JobConfig,
     hooks: Hooks | None = None,
@@ -322,213 +582,54 @@ def train(
 ) -> TrainResult:
     """Train a GPT as ``config`` says; resumes from a checkpoint folder if given.
 
-    ``wrap_model`` wraps the model for data parallelism (e.g. DDP); each rank reads its slice of
-    every global batch. ``data_dir`` is a prepared dataset folder (default: prepare the corpus under
-    the cache). Returns when the epochs or ``max_steps`` are done, or early
-    with status ``"diverged"`` when the loss stops being finite.
+    ``wrap_model`` wraps the model for data parallelism (e.g. DDP); each rank reads its slice of every global batch.
+    ``data_dir`` is a prepared dataset folder (default: the corpus prepared under the cache). Returns when the epochs
+    or ``max_steps`` are done, or early with status ``"diverged"`` when the loss stops being finite.
     """
-    hooks = hooks or Hooks()
-    t = config.train
-    device = torch.device(device) if device is not None else resolve_device(t.device)
-    if device.type == "cpu":
-        keep_freed_memory_mapped()
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-    dtype = resolve_precision(t.precision, device)
-    set_seed(t.seed + rank)
-
-    train_ds, val_ds = datasets or build_datasets(config, data_dir)
-    pin = device.type == "cuda"
-    global_batch = t.batch_size * world_size
-
-    def eval_loader(dataset: SlidingWindowDataset) -> torch.utils.data.DataLoader:
-        return make_loader(
-            dataset, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
-        )
-
-    def train_loader(epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = make_loader(
-            train_ds,
-            t.batch_size,
-            shuffle=True,
-            drop_last=True,
-            seed=t.seed,
-            epoch=epoch,
-            start=start,
-            rank=rank,
-            world_size=world_size,
-            pin_memory=pin,
-        )
-        return iter(loader)
-
-    train_eval_loader, val_loader = eval_loader(train_ds), eval_loader(val_ds)
-    batches_per_epoch = len(train_ds) // global_batch
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"the train split has {len(train_ds)} windows, fewer than train.batch_size={t.batch_size} x "
-            f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
-        )
-    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
-    total_steps = min(t.max_steps or math.inf, t.epochs * steps_per_epoch)
-
-    model, init_report = build_model(config, device)
-    optimizer = configure_optimizer(model, config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = TrainState(seed=t.seed, data_key=train_ds.key)
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        check_resumable(ckpt, config, train_ds.key)
-        load_model_weights(model, ckpt.model_state, source=str(resume_from))
-        if ckpt.optimizer_state is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.scaler_state:
-            scaler.load_state_dict(ckpt.scaler_state)
-        restore_rng(ckpt.rng, rank=rank, seed=t.seed + rank)
-        state = ckpt.state
-        state.data_key = train_ds.key or state.data_key
-    raw_model = model
-    if t.compile:
-        model = torch.compile(model)
-    if wrap_model is not None:
-        model = wrap_model(model)
-
-    ctx = TrainContext(
-        config=config,
-        model=raw_model,
-        device=device,
+    device = torch.device(device) if device is not None else resolve_device(config.train.device)
+    run = setup(
+        config,
+        hooks or Hooks(),
+        resume_from=resume_from,
         rank=rank,
         world_size=world_size,
-        train_windows=len(train_ds),
-        val_windows=len(val_ds),
-        batches_per_epoch=batches_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=int(total_steps),
-        dtype=dtype,
-        resumed_from=str(resume_from) if resume_from else None,
-        init_report=init_report,
+        device=device,
+        wrap_model=wrap_model,
+        datasets=datasets,
+        data_dir=data_dir,
     )
-    hooks.on_train_start(ctx, state)
-
-    rng_states: list[dict[str, torch.Tensor]] = []  # every rank's, gathered at the checkpoint point being saved
-
-    def take(copy: bool) -> Snapshot:
-        return take_snapshot(
-            model=raw_model,
-            config=config,
-            state=state,
-            optimizer=optimizer,
-            scaler=scaler,
-            rng_states=rng_states or None,
-            copy=copy,
-        )
-
-    writer = CheckpointWriter()
-    save = CheckpointSaver(take, writer)
-
-    def run_eval(checkpoint: bool, extra: dict[str, float]) -> dict[str, float]:
-        metrics = {
-            "train_loss": evaluate(model, train_eval_loader, t.eval_iters, device, dtype),
-            "val_loss": evaluate(model, val_loader, t.eval_iters, device, dtype),
-            **extra,
-        }
-        metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
-        state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
-        metrics["best_val_loss"] = state.best_val_loss
-        want_sample = t.sample_every is None or (t.sample_every > 0 and state.step % t.sample_every == 0)
-        sample = None
-        if want_sample and ctx.is_main and t.sample_max_new_tokens > 0:
-            with autocast(device, dtype):
-                sample = generate_text(
-                    raw_model,
-                    t.sample_prompt,
-                    t.sample_max_new_tokens,
-                    temperature=t.sample_temperature,
-                    top_k=t.sample_top_k,
-                )[0]
-        if checkpoint:  # a collective on every rank: rank 0's hooks save every rank's RNG state
-            rng_states[:] = gather_rng_states(device) or []
-        hooks.on_eval(ctx, state, metrics, sample, save if checkpoint else None)
-        rng_states.clear()
-        return metrics
-
-    status, metrics = "finished", {}
-    started = time.perf_counter()
-    tokens_at_start = state.tokens_seen
-    model.train()
-    checkpoint_pending = False
+    state, ctx, schedule = run.state, run.ctx, CheckpointSchedule(config.train)
+    run.hooks.on_train_start(ctx, state)
+    status, metrics, step_metrics = "finished", {}, {}
+    started, tokens_at_start = time.perf_counter(), state.tokens_seen
+    run.model.train()
     try:
-        while state.step < total_steps and state.epoch < t.epochs:
-            batches = train_loader(state.epoch, state.samples_in_epoch)
-            while state.step < total_steps and state.samples_in_epoch + global_batch <= len(train_ds):
-                step_start = time.perf_counter()
-                lr = learning_rate(state.step, int(total_steps), config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                n_micro = min(t.grad_accum_steps, (len(train_ds) - state.samples_in_epoch) // global_batch)
-                loss_sum = 0.0
-                for micro in range(n_micro):
-                    x, y = next(batches)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sync = micro == n_micro - 1 or not hasattr(model, "no_sync")
-                    with contextlib.nullcontext() if sync else model.no_sync(), autocast(device, dtype):
-                        loss = model(x, targets=y) / n_micro
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                    state.tokens_seen += x.numel() * world_size
-                if t.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-                else:
-                    grad_norm = float("nan")
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.samples_in_epoch += n_micro * global_batch
-                loss_value = _all_reduce_mean(float(loss_sum), device)
-                elapsed = time.perf_counter() - step_start
-                step_metrics = {
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_seen": float(state.tokens_seen),
-                    "tokens_per_sec": n_micro * t.batch_size * config.model.context_length * world_size / elapsed,
-                }
-                step_metrics["epoch"] = ctx.epochs_done(state)
-                hooks.on_step(ctx, state, step_metrics)
-                if not math.isfinite(loss_value):
+        while status == "finished" and state.step < ctx.total_steps and state.epoch < config.train.epochs:
+            if state.samples_in_epoch + run.global_batch > len(run.train_ds):  # resumed on more ranks: epoch done
+                state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+                continue
+            batches = run.batches()
+            epoch_end = False
+            while not epoch_end and state.step < ctx.total_steps:
+                step_metrics = train_step(run, batches)
+                run.hooks.on_step(ctx, state, step_metrics)
+                if not math.isfinite(step_metrics["loss"]):
                     status = "diverged"
                     break
-                epoch_end = state.samples_in_epoch + global_batch > len(train_ds)
-                last = state.step >= total_steps or (epoch_end and state.epoch + 1 >= t.epochs)
-                eval_due = bool(t.eval_every) and state.step % t.eval_every == 0
-                if t.checkpoint_every:
-                    checkpoint = state.step % t.checkpoint_every == 0
-                else:  # once an epoch, at the first evaluation from the epoch's end on (no extra evaluation)
-                    checkpoint_pending = checkpoint_pending or epoch_end
-                    checkpoint = checkpoint_pending and (eval_due or not t.eval_every)
-                checkpoint = checkpoint or last
-                checkpoint_pending = checkpoint_pending and not checkpoint
+                epoch_end = state.samples_in_epoch + run.global_batch > len(run.train_ds)
+                last = state.step >= ctx.total_steps or (epoch_end and state.epoch + 1 >= config.train.epochs)
+                evaluate_now, checkpoint = schedule.after_step(state.step, epoch_end=epoch_end, last=last)
                 if epoch_end:  # the saved state points at the start of the next epoch
-                    state.epoch += 1
-                    state.samples_in_epoch = 0
-                if checkpoint or eval_due:
-                    metrics = run_eval(checkpoint, {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": lr})
-                if epoch_end:
-                    break
-            if status == "diverged":
-                break
+                    state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+                if evaluate_now:
+                    extra = {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": step_metrics["lr"]}
+                    metrics = evaluate_and_report(run, checkpoint, extra)
     finally:
-        writer.close()  # every checkpoint written in the background is on disk before the end hooks (or the error)
+        run.writer.close()  # every checkpoint written in the background is on disk before the end hooks (or the error)
     wall = time.perf_counter() - started
     if status == "diverged":
-        metrics = {"loss": loss_value, "train_loss": math.nan, "val_loss": math.nan}
-    result = TrainResult(
-        status=status,
-        state=state,
-        metrics=metrics,
-        wall_time=wall,
-        tokens_per_sec=(state.tokens_seen - tokens_at_start) / max(wall, 1e-9),
-    )
-    hooks.on_train_end(ctx, state, result)
+        metrics = {"loss": step_metrics["loss"], "train_loss": math.nan, "val_loss": math.nan}
+    tokens_per_sec = (state.tokens_seen - tokens_at_start) / max(wall, 1e-9)
+    result = TrainResult(status=status, state=state, metrics=metrics, wall_time=wall, tokens_per_sec=tokens_per_sec)
+    run.hooks.on_train_end(ctx, state, result)
     return result
