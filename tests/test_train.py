@@ -200,3 +200,40 @@ def test_evaluations_and_resumes_leave_the_training_steps_unchanged(tmp_path):
     train(first, LocalCheckpoints(tmp_path))
     resumed = step_losses(tiny_job(model={"dropout": 0.2}, train={**common, "eval_every": 2}), tmp_path / "latest")
     assert resumed == every2[4:]
+
+
+def schedule_points(steps: int, epoch_steps: int, **train) -> list[tuple[int, bool, bool]]:
+    """(step, evaluate, checkpoint) at every step where something happens, epochs of ``epoch_steps``."""
+    from gptcore.config import TrainConfig
+    from gptcore.train import CheckpointSchedule
+
+    schedule = CheckpointSchedule(TrainConfig(**train))
+    points = []
+    for step in range(1, steps + 1):
+        evaluate, checkpoint = schedule.after_step(step, epoch_end=step % epoch_steps == 0, last=step == steps)
+        if evaluate or checkpoint:
+            points.append((step, evaluate, checkpoint))
+    return points
+
+
+def test_checkpoints_every_n_steps_and_at_the_end():
+    assert schedule_points(12, 9, eval_every=4, checkpoint_every=5) == [
+        (4, True, False),
+        (5, True, True),  # a checkpoint is always evaluated (its metrics pick the best one)
+        (8, True, False),
+        (10, True, True),
+        (12, True, True),
+    ]
+
+
+def test_an_epoch_checkpoint_waits_for_the_next_evaluation():
+    assert schedule_points(20, 9, eval_every=5) == [
+        (5, True, False),
+        (10, True, True),  # epoch 1 ended at step 9: saved at the evaluation of step 10, no extra evaluation
+        (15, True, False),
+        (20, True, True),  # epoch 2 ended at step 18, and step 20 is the last
+    ]
+
+
+def test_without_evaluations_an_epoch_is_checkpointed_at_its_end():
+    assert schedule_points(20, 9, eval_every=0) == [(9, True, True), (18, True, True), (20, True, True)]
