@@ -65,11 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus_per_worker=args.cpus_per_worker,
         experiment_file=str(Path(args.experiment).absolute()),
     )
-    plan = make_plan(experiment, options)  # validates every trial before anything starts
+    plan = None if args.resume else make_plan(experiment, options)  # every trial validated before anything starts
     if args.dry_run:
-        print(describe_plan(plan, options))
+        print(describe_plan(plan or make_plan(experiment, options), options))
         return 0
-    outcome = run_sweep(experiment, options, wait_for_resources=args.wait_for_resources)
+    outcome = run_sweep(experiment, options, plan=plan, wait_for_resources=args.wait_for_resources)
     report = write_report(outcome.tracking_uri, outcome.experiment, outcome.sweep_id)
     print(f"\nResults of sweep {outcome.sweep_id} ({report['ranking']}):\n{report['table']}")
     print(f"\nMLflow: python -m orchestrator ui{_uri_flag(args.tracking_uri)}  (parent run {outcome.parent_run_id})")

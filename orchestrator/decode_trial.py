@@ -12,9 +12,12 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.decoding import DECODE_METRICS, DecodeConfig
+
+if TYPE_CHECKING:
+    from orchestrator.settings import SweepSettings
 
 
 def sample_and_measure(
@@ -72,17 +75,17 @@ def sample_and_measure(
 # --------------------------------------------------------------------------- the Tune trial
 
 
-def decode_trainable(specs: dict[str, dict[str, Any]], settings: dict[str, Any]):
+def decode_trainable(specs: dict[str, dict[str, Any]], settings: SweepSettings):
     """`run_decode_trial` with its specs and resources (the trial itself samples: a CPU, or a GPU)."""
     import ray.tune
 
-    resources = {"CPU": settings["cpus_per_worker"], **({"GPU": 1} if settings["use_gpu"] else {})}
+    resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     return ray.tune.with_resources(
         ray.tune.with_parameters(run_decode_trial, specs=specs, settings=settings), resources
     )
 
 
-def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
+def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: SweepSettings) -> None:
     """Load the checkpoint, sample and measure, log to the trial's MLflow run, report to Tune."""
     import socket
     import tempfile
@@ -99,8 +102,8 @@ def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], s
     decode = DecodeConfig.from_dict(specs[name]["config"]["decode"])
     device = resolve_device(decode.device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(settings["cpus_per_worker"])))
-    logger = RunLogger(settings["tracking_uri"], specs[name]["run_id"])
+        torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+    logger = RunLogger(settings.tracking_uri, specs[name]["run_id"])
     try:
         logger.set_tags(
             {

@@ -9,6 +9,7 @@ Layout in storage (a local folder or an ``s3://`` URI)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from gptcore.config import JobConfig
 from gptcore.data import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
 from gptcore.shards import Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows, resolve_checkpoints
@@ -27,6 +29,7 @@ from orchestrator.decode_trial import decode_trainable
 from orchestrator.decoding import is_decode
 from orchestrator.experiment import ASHA, Experiment, ExperimentError, Trial, expand_trials
 from orchestrator.prepare import prepare, read_dataset_manifest, stage_locally
+from orchestrator.settings import SweepSettings
 from orchestrator.storage import absolute_storage, filesystem, read_json, storage_uri, write_json
 from orchestrator.storage import join as join_path
 from orchestrator.tracking import (
@@ -67,31 +70,6 @@ class SweepOptions:
     cpus_per_worker: float | None = None
     experiment_file: str = ""
     workdir: str = field(default_factory=lambda: str(Path.cwd()))
-
-
-@dataclass
-class SweepSettings:
-    """What every trial needs to know; JSON-able, saved in sweep.json: on --resume, the sweep as it was started."""
-
-    sweep_id: str
-    experiment: str
-    experiment_file: str
-    storage: str
-    tracking_uri: str
-    artifact_root: str | None
-    parent_run_id: str
-    workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-    max_failures: int
-    checkpoints_to_keep: int
-    metric: str
-    mode: str
-    git_commit: str | None
-    # Saved since resume reads them from sweep.json (older files lack them: `saved_settings` takes the experiment's)
-    kind: str = "train"
-    scheduler: dict[str, Any] | None = None  # ASHA's fields
-    max_concurrent: int | None = None  # the user's limit (--max-concurrent, else the experiment's)
 
 
 # --------------------------------------------------------------------------- resuming
@@ -149,15 +127,27 @@ class Plan:
 
 
 def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
-    trials = expand_trials(experiment, options.overrides)
+    """Every trial of the sweep, validated, and its resources; a CPU trial's torch threads are its worker's CPUs
+    (``train.num_threads``, unless the experiment sets it), so the loop sets them, once."""
+    cpus_per_worker = options.cpus_per_worker or experiment.cpus_per_worker or 1
+    trials = [with_threads(t, cpus_per_worker) for t in expand_trials(experiment, options.overrides)]
     return Plan(
         experiment=experiment,
         trials=trials,
         workers=options.workers or experiment.workers,
         use_gpu=experiment.use_gpu if options.use_gpu is None else options.use_gpu,
-        cpus_per_worker=options.cpus_per_worker or experiment.cpus_per_worker or 1,
+        cpus_per_worker=cpus_per_worker,
         max_concurrent=concurrency_limit(experiment, options),
     )
+
+
+def with_threads(trial: Trial, cpus_per_worker: float) -> Trial:
+    if not isinstance(trial.job, JobConfig) or trial.job.train.num_threads:  # a decode trial, or threads set
+        return trial
+    threads = max(1, int(cpus_per_worker))
+    config = {**trial.config, "train": {**trial.config.get("train", {}), "num_threads": threads}}
+    job = dataclasses.replace(trial.job, train=dataclasses.replace(trial.job.train, num_threads=threads))
+    return dataclasses.replace(trial, config=config, job=job)
 
 
 def concurrency_limit(experiment: Experiment, options: SweepOptions) -> int | None:
@@ -365,8 +355,13 @@ class SweepOutcome:
     interrupted: bool
 
 
-def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resources: bool = False) -> SweepOutcome:
-    """Run (or resume) a sweep to the end and record it in MLflow; returns each trial's status."""
+def run_sweep(
+    experiment: Experiment, options: SweepOptions, *, plan: Plan | None = None, wait_for_resources: bool = False
+) -> SweepOutcome:
+    """Run (or resume) a sweep to the end and record it in MLflow; returns each trial's status.
+
+    ``plan`` is the one `make_plan` made of ``experiment`` and ``options`` (made here if not given); a resumed sweep
+    runs what its sweep.json says instead."""
     import ray
     import ray.tune
 
@@ -389,7 +384,7 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
         print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
         connect_ray(options.address)
     else:
-        plan = make_plan(experiment, options)
+        plan = plan or make_plan(experiment, options)
         tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
         check_reachable(tracking_uri)
         if experiment.is_decode:
@@ -419,11 +414,11 @@ def run_sweep(experiment: Experiment, options: SweepOptions, *, wait_for_resourc
             tracker.client.update_run(settings.parent_run_id, status="RUNNING")
         print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
         trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(run_trial, specs=specs, settings=asdict(settings)),
+            ray.tune.with_parameters(run_trial, specs=specs, settings=settings),
             {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
         )
         if is_decode(settings.kind):  # inference in the Tune trial itself
-            trainable = decode_trainable(specs, asdict(settings))
+            trainable = decode_trainable(specs, settings)
         sweep_dir = join_path(storage, sweep_id)
         if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
             tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)

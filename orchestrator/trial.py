@@ -6,10 +6,13 @@ The trial's MLflow child run is created by the driver beforehand; workers log to
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from orchestrator.settings import SweepSettings
 
 
-def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: SweepSettings) -> None:
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -20,7 +23,7 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings
 
     name = config["trial"]
     spec = specs[name]
-    gpu = bool(settings["use_gpu"])
+    gpu = bool(settings.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -28,24 +31,23 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings
             "dataset": spec.get("dataset"),
             "trial": name,
             "run_id": spec.get("run_id"),
-            "tracking_uri": settings["tracking_uri"],
-            "cpus_per_worker": settings["cpus_per_worker"],
+            "tracking_uri": settings.tracking_uri,
             "ray_trial_id": ray.tune.get_context().get_trial_id(),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings["workers"],
+            num_workers=settings.workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": settings["cpus_per_worker"], **({"GPU": 1} if gpu else {})},
+            resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if gpu else {})},
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=join_uri(settings["storage"], settings["sweep_id"], name),
+            storage_path=join_uri(settings.storage, settings.sweep_id, name),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=settings["checkpoints_to_keep"],
-                checkpoint_score_attribute=settings["metric"],
-                checkpoint_score_order=settings["mode"],
+                num_to_keep=settings.checkpoints_to_keep,
+                checkpoint_score_attribute=settings.metric,
+                checkpoint_score_order=settings.mode,
             ),
-            failure_config=ray.train.FailureConfig(max_failures=settings["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             callbacks=[TuneReportCallback()],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

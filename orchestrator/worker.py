@@ -35,9 +35,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     job = JobConfig.from_dict(loop_config["job"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(loop_config.get("cpus_per_worker", 1))))
+    device = ray.train.torch.get_device()  # torch threads on CPU: the job's train.num_threads, set by the loop
     hooks: list[Hooks] = []
     if rank == 0:
         hooks.append(ConsoleProgress(loop_config["trial"]))
