@@ -99,7 +99,8 @@ def scale_out(tmp_path_factory):
             sweep = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator", *args],
                 cwd=work,
-                env={**os.environ, **cluster.env},  # the cluster's token: the driver joins it too
+                # the cluster's token (the driver joins it too); a cache of its own: the workers fetch the dataset
+                env={**os.environ, **cluster.env, "GPTCORE_CACHE_DIR": str(work / "cache")},
                 stdout=out,
                 stderr=err,
             )

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,15 +35,16 @@ TINY += ["train.sample_every=4", "train.sample_max_new_tokens=4"]
 # experiment -> extra --set items (a grid axis narrowed with a list keeps the sweep small)
 STUDIES: dict[str, list[str]] = {
     "stride_sweep": [],
-    "posemb_sweep": ['model.pos_emb=["sinusoidal","rope"]'],
+    "posemb_sweep": ["model.pos_emb=rope"],
     "freeze_embeddings": [],
     # one trial at a time (ARGS), 24 steps: ASHA's first rung (step 20, an evaluation without a checkpoint)
     # compares each trial with those before it
     "lr_sweep": ["train.lr=[5e-4,1e-4]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
     "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
-    "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=[1e-4,5e-4]"],
+    "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=5e-4"],
 }
 ARGS: dict[str, list[str]] = {"lr_sweep": ["--max-concurrent", "1"]}  # extra command-line arguments
+TRIALS = {"posemb_sweep": 1, "full_grid": 1}  # a grid narrowed to one point (each trial costs a Ray Train start)
 STOPPED = {"lr_sweep": ["001_lr=0.0001"]}  # trials ASHA stops at its first rung
 DECODE = ["decode.temperature=[0.7,1.5]", "decode.top_k=40", "decode.num_samples=2", "decode.max_new_tokens=8"]
 
@@ -97,7 +99,7 @@ def test_study_runs_end_to_end(studies, experiment):
     assert rc == 0, out[-5000:]
     assert f"Results of sweep {experiment}-" in out
     client, parent, kids = sweep_runs(work, experiment)
-    assert parent.info.status == "FINISHED" and len(kids) >= 2
+    assert parent.info.status == "FINISHED" and len(kids) == TRIALS.get(experiment, 2)
     for name, kid in kids.items():
         assert kid.data.tags["orchestrator.status"] == (
             "stopped" if name in STOPPED.get(experiment, []) else "finished"
@@ -263,7 +265,7 @@ def mlflow_ui(work: Path):
                 break
             assert proc.poll() is None and time.monotonic() < deadline, (work / "ui.log").read_text()[-3000:]
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc, port
     finally:
         stop(proc)
         log.close()
@@ -284,7 +286,7 @@ def test_mlflow_ui_shows_the_sweep_in_headless_chromium(studies):
     child = kids["000_stride=256"]
     experiment_id = parent.info.experiment_id
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with mlflow_ui(work) as url, sync_playwright() as p:
+    with mlflow_ui(work) as (url, ui, port), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         # The experiment's runs table ("Model training" view): the sweep's parent run, expanded to its trials.
@@ -302,4 +304,22 @@ def test_mlflow_ui_shows_the_sweep_in_headless_chromium(studies):
         expect(page.get_by_text("val_loss").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow_ui_run.png"), full_page=True)
         browser.close()
+        assert_sigterm_stops_the_server(ui, port)
     assert (ARTIFACTS / "mlflow_ui_run.png").stat().st_size > 10_000
+
+
+def assert_sigterm_stops_the_server(ui: subprocess.Popen, port: int) -> None:
+    """SIGTERM to ``orchestrator ui`` stops its MLflow server and every process of the server's group."""
+    from tests.servers import psutil
+    from tests.test_ui import group, port_free
+
+    server = psutil.Process(ui.pid).children()[0]
+    assert os.getpgid(server.pid) == server.pid != os.getpgid(ui.pid)  # the server leads its own group
+    assert len(group(server.pid)) >= 2  # the server and its uvicorn worker (and MLflow's job runners)
+    ui.send_signal(signal.SIGTERM)
+    assert ui.wait(timeout=15) == 0
+    deadline = time.monotonic() + 15
+    while (group(server.pid) or not port_free(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group(server.pid) == [], [p.cmdline() for p in group(server.pid)]
+    assert port_free(port)

@@ -1,4 +1,8 @@
-"""``python -m orchestrator ui`` stops its MLflow server (and every process the server started) when it is stopped."""
+"""``python -m orchestrator ui`` stops its MLflow server (and every process the server started) when it is stopped.
+
+SIGTERM to a real ``orchestrator ui`` is tested where the studies' UI test already has one running
+(tests/test_studies.py, `assert_sigterm_stops_the_server`); here, the group stop itself.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import time
 import urllib.request
 
 from orchestrator.cli import stop_process_group
-from tests.servers import free_port, psutil
+from tests.servers import psutil
 
 
 def group(pgid: int) -> list[psutil.Process]:
@@ -41,38 +45,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def test_sigterm_stops_the_mlflow_server_and_its_workers(tmp_path):
-    port = free_port()
-    command = [sys.executable, "-m", "orchestrator", "ui", "--port", str(port)]
-    command += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}"]
-    log = tmp_path / "ui.log"
-    with log.open("w") as out:
-        cli = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    family: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 180  # the server's first start migrates the SQLite store
-        while not answers(port):
-            assert cli.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        family = psutil.Process(cli.pid).children(recursive=True)
-        server = psutil.Process(cli.pid).children()[0]
-        assert os.getpgid(server.pid) == server.pid != os.getpgid(cli.pid)  # the server leads its own group
-        assert len(group(server.pid)) >= 2  # the server and its uvicorn worker (and MLflow's job runners)
-
-        cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=15) == 0, log.read_text()[-3000:]
-        deadline = time.monotonic() + 15
-        while (group(server.pid) or not port_free(port)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert group(server.pid) == [], [p.cmdline() for p in group(server.pid)]
-        assert port_free(port) and not answers(port)
-    finally:
-        for p in [psutil.Process(cli.pid), *family] if cli.poll() is None else family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        cli.wait(timeout=10)
 
 
 def test_what_ignores_sigterm_is_killed(tmp_path):
