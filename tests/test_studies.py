@@ -46,6 +46,11 @@ STUDIES: dict[str, list[str]] = {
 ARGS: dict[str, list[str]] = {"lr_sweep": ["--max-concurrent", "1"]}  # extra command-line arguments
 TRIALS = {"posemb_sweep": 1, "full_grid": 1}  # a grid narrowed to one point (each trial costs a Ray Train start)
 STOPPED = {"lr_sweep": ["001_lr=0.0001"]}  # trials ASHA stops at its first rung
+# the test cluster has 2 CPUs and no GPU
+REFUSED_ON_THE_CLUSTER = {
+    "cpus_beyond_the_largest_node": ("--cpus-per-worker", "4"),
+    "gpu_on_a_cluster_without": ("--cpus-per-worker", "1", "--use-gpu", "yes"),
+}
 DECODE = ["decode.temperature=[0.7,1.5]", "decode.top_k=40", "decode.num_samples=2", "decode.max_new_tokens=8"]
 
 
@@ -58,9 +63,11 @@ def tiny_hf_gpt2(folder: Path) -> Path:
     return folder
 
 
-def run(work: Path, experiment: str, sets: list[str], env: dict[str, str], address: str) -> tuple[int, str]:
+def run(
+    work: Path, experiment: str, sets: list[str], env: dict[str, str], address: str, flags: tuple[str, ...] = ()
+) -> tuple[int, str]:
     args = [sys.executable, "-m", "orchestrator", "run", str(REPO / "experiments" / f"{experiment}.py")]
-    args += ["--address", address, "--cpus-per-worker", "1", *ARGS.get(experiment, [])]
+    args += ["--address", address, *(flags or ("--cpus-per-worker", "1")), *ARGS.get(experiment, [])]
     args += [a for item in sets for a in ("--set", item)]
     proc = subprocess.run(args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
     return proc.returncode, proc.stdout + proc.stderr
@@ -77,6 +84,9 @@ def studies(tmp_path_factory):
             sets = TINY + [item.format(hf=hf) for item in extra]
             outcomes[name] = run(work, name, sets, cluster.env, cluster.address)
         outcomes["decoding_sweep"] = run(work, "decoding_sweep", DECODE, cluster.env, cluster.address)
+        for name, flags in REFUSED_ON_THE_CLUSTER.items():  # bad input only the cluster can reveal
+            (work / name).mkdir()
+            outcomes[name] = run(work / name, "stride_sweep", TINY, cluster.env, cluster.address, flags)
     return work, outcomes
 
 
@@ -106,6 +116,26 @@ def test_study_runs_end_to_end(studies, experiment):
         )
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/results.md" in artifacts and any(a.endswith(".png") for a in artifacts)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "cpus_beyond_the_largest_node",
+            "each Ray Train worker asks for 4 CPUs but the largest node of the Ray "
+            "cluster has 2; pass --cpus-per-worker 2",
+        ),
+        ("gpu_on_a_cluster_without", "use_gpu is set but the Ray cluster has no GPU; run without --use-gpu"),
+    ],
+)
+def test_what_only_the_cluster_reveals_is_refused_before_anything_is_written(studies, case, message):
+    work, outcomes = studies
+    rc, out = outcomes[case]
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and message in errors[0], out[-3000:]
+    assert "Traceback" not in out
+    assert sorted(p.name for p in (work / case).iterdir()) == []  # no ray_results, mlruns.db, mlartifacts
 
 
 def test_trials_asha_stops_keep_their_metrics(studies):
