@@ -58,7 +58,7 @@ def shard_model(model: GPT, *, device: torch.device, dtype: torch.dtype | None, 
     mesh = init_device_mesh(device.type, (world,))
     # Block inputs stay as they are (cast_forward_inputs=False): the RoPE tables must keep fp32.
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)  # moves the buffers to the device too

@@ -143,6 +143,8 @@ def runs(tmp_path_factory):
     outcomes = {spec["name"]: json.loads((out / spec["name"] / "outcome.json").read_text()) for spec in TWO_RANK_JOBS}
     single = job(parallel="ddp", batch_size=4)
     outcomes["single"] = run_job("single", single, out)
+    outcomes["single_ac"] = run_job("single_ac", job(parallel="ddp", batch_size=4, activation_checkpointing=True), out)
+    outcomes["one_rank_offload"] = run_job("one_rank_offload", job(batch_size=4, fsdp_cpu_offload=True), out)
     untied = job(parallel="ddp", batch_size=4, model={"tie_weights": False})
     outcomes["single_untied"] = run_job("single_untied", untied, out)
     outcomes["single_accum"] = run_job("single_accum", job(parallel="ddp", batch_size=2, grad_accum_steps=2), out)
@@ -179,6 +181,14 @@ def test_fsdp_grad_accumulation_trains_as_one_process(runs):
 def test_activation_checkpointing_changes_nothing_but_memory(runs):
     _, outcomes = runs
     assert close(outcomes["fsdp_ac"]["losses"], outcomes["fsdp"]["losses"], 1e-6)
+    assert close(outcomes["single_ac"]["losses"], outcomes["single"]["losses"], 1e-6)
+
+
+def test_fsdp_of_one_rank_with_cpu_offload_trains_as_one_process(runs):
+    """No torch.distributed in the process: train() starts (and ends) a one-rank group."""
+    _, outcomes = runs
+    assert close(outcomes["one_rank_offload"]["losses"], outcomes["single"]["losses"])
+    assert not dist.is_initialized()
 
 
 def test_fsdp_writes_sharded_checkpoints(runs):
@@ -283,6 +293,72 @@ def test_a_whole_checkpoint_does_not_resume_a_sharded_run(runs, tmp_path):
     out, _ = runs
     with pytest.raises(CheckpointError, match=r"written whole.*train\.init_from"):
         run_job("x", job(batch_size=4), tmp_path, resume=str(out / "single" / f"step{HALF}"))
+
+
+SAVER = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from gptcore.checkpoint import TrainState, save_sharded
+from gptcore.config import JobConfig
+from gptcore.model import GPT
+from gptcore.parallel import shard_model
+
+def rank_main(rank, init, target):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    job = JobConfig.from_dict({"model": {"preset": "micro", "d_model": 256, "n_heads": 4, "n_layers": 2,
+                                         "pad_vocab_multiple": 64}, "train": {"parallel": "fsdp"}})
+    model = shard_model(GPT(job.model), device=torch.device("cpu"), dtype=None)
+    step = 0
+    while True:
+        step += 1
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().fill_(step)
+        save_sharded(target, model=model, config=job, state=TrainState(step=step))
+        if rank == 0:
+            print(step, flush=True)
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+"""
+
+
+def test_a_sharded_checkpoint_survives_a_rank_killed_mid_save(tmp_path):
+    """SIGKILL one rank of two saving shards over and over, then the rest: the folder always loads, whole and
+    consistent (every shard of one step), and no temporary folder is mistaken for it."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.servers import psutil
+
+    target, rng = tmp_path / "ckpt", random.Random(0)
+    script = tmp_path / "saver.py"  # a file: spawned ranks import their function from it
+    script.write_text(SAVER)
+    for attempt in range(2):
+        init = tmp_path / f"init{attempt}"
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(init), str(target)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout.readline().strip(), "the saver wrote no checkpoint"
+            time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside a later save
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+            rng.choice(ranks).kill()
+            time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        model, ckpt = load_model(target)
+        assert ckpt.state.step >= 1, attempt
+        values = {float(p.min()) for p in model.parameters()} | {float(p.max()) for p in model.parameters()}
+        assert values == {float(ckpt.state.step)}, (attempt, values, ckpt.state.step)  # both ranks' shards, one step
 
 
 # --------------------------------------------------------------------------- configuration
