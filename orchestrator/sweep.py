@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from gptcore.config import JobConfig
 from gptcore.data import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
 from gptcore.shards import Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows, resolve_checkpoints
@@ -150,7 +151,7 @@ class Plan:
 
 def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
     trials = expand_trials(experiment, options.overrides)
-    return Plan(
+    plan = Plan(
         experiment=experiment,
         trials=trials,
         workers=options.workers or experiment.workers,
@@ -158,6 +159,23 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
         cpus_per_worker=options.cpus_per_worker or experiment.cpus_per_worker or 1,
         max_concurrent=concurrency_limit(experiment, options),
     )
+    check_sharding(plan)
+    return plan
+
+
+def check_sharding(plan: Plan) -> None:
+    """FSDP shards the token embedding by rows across the workers: their number must divide its rows."""
+    for trial in plan.trials:
+        job = trial.job
+        if not isinstance(job, JobConfig) or job.train.parallel != "fsdp":
+            continue
+        rows = job.model.padded_vocab_size
+        if rows % plan.workers:
+            raise SweepError(
+                f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
+                f"{plan.workers} workers, which do not divide it evenly; use a worker count that divides {rows} "
+                "(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
+            )
 
 
 def concurrency_limit(experiment: Experiment, options: SweepOptions) -> int | None:

@@ -379,6 +379,22 @@ def test_bad_parallel_settings_are_refused(raw, message):
         JobConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "5"], "shards the 50304-row token embedding across 5 workers, which do not divide it"),
+        (["--set", "train.parallel=zero"], "train.parallel: unknown data parallelism 'zero'; choose one of ddp, fsdp"),
+        (["--set", "model.pad_vocab_multiple=1"], "set model.pad_vocab_multiple=64"),
+    ],
+)
+def test_the_fsdp_study_refuses_bad_settings_before_anything_starts(capsys, args, message):
+    from orchestrator.cli import main
+
+    assert main(["run", str(REPO / "experiments" / "gpt2_xl_fsdp.py"), "--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: trial 000_lr=0.0006: ") and message in err, err
+
+
 def test_uneven_ranks_sit_out_no_evaluation_round():
     loader = torch.utils.data.DataLoader([(torch.tensor([i]), torch.tensor([i])) for i in range(3)], batch_size=2)
     rounds = list(_lockstep(loader, 3))
