@@ -30,6 +30,8 @@ def ensure_process_group(device: torch.device) -> bool:
     if dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
