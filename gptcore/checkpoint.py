@@ -4,6 +4,20 @@
     optimizer.safetensors  optimizer moments and every rank's RNG states
     meta.json              format, config, train state, optimizer hyper-parameters, file sizes
 
+A run sharded with FSDP (``train.parallel="fsdp"``) writes the *sharded* layout instead: every rank writes its own
+shards with `torch.distributed.checkpoint` (its safetensors storage: no pickled metadata), and nobody gathers the
+model::
+
+    shards/shard-0000{r+1}-model-00001-of-00001.safetensors   rank r's shards of every weight and AdamW moment,
+                                                               named model.<fqn> and optim.<fqn>.<slot>, each with
+                                                               its offsets in the full tensor (safetensors metadata)
+    rng.safetensors        every rank's RNG states
+    meta.json              as above, with "layout": "sharded" and the world size it was written by
+
+It reshards on load: a run on any number of ranks resumes from it (`load_sharded_into`), and one process reads
+it into full tensors (`load_checkpoint`, hence `load_model`, sampling, export and ``train.init_from``) as it reads
+the single-file layout.
+
 Folders are written next to their destination and renamed into place, so a process killed while
 saving never leaves a half-written checkpoint behind. Loading reads only tensors and JSON: nothing
 is unpickled.
@@ -19,6 +33,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,10 +49,13 @@ from safetensors.torch import load_file, save_file
 from gptcore.config import ConfigError, GPTConfig, JobConfig
 
 FORMAT = "gptcore-checkpoint"
-VERSION = 1
+VERSION = 2  # the newest version read; the single-file layout is still written as version 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
+SHARDED = "sharded"  # meta.json "layout" of a checkpoint written shard by shard (FSDP)
+SHARDS_DIR = "shards"
+RNG_FILE = "rng.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -85,10 +103,14 @@ class Checkpoint:
 # --------------------------------------------------------------------------- saving
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    return getattr(model, "module", model)  # DDP wrapper
+
+
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights, without a tied head (it is the token embedding)."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    model = getattr(model, "module", model)  # DDP wrapper
+    model = _unwrap(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_weights:
         state.pop("head.weight", None)
@@ -272,6 +294,227 @@ def _replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- the sharded layout (FSDP)
+
+
+def _tied_head(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_weights", False))
+
+
+def _flat_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """``model.<fqn>`` and ``optim.<fqn>.<slot>`` tensors (this rank's shards under FSDP, as DTensors), the model
+    state dict they came from, and the optimizer's JSON part (param groups naming parameters by fqn, scalars)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model = _unwrap(model)
+    msd = get_model_state_dict(model)
+    tensors = {f"model.{k}": v for k, v in msd.items() if not (k == "head.weight" and _tied_head(model))}
+    optim_meta = None
+    if optimizer is not None:
+        osd = get_optimizer_state_dict(model, optimizer)  # an optimizer that never stepped gets zero state first
+        optim_meta = {"param_groups": osd["param_groups"], "scalars": {}}
+        for fqn, slots in osd["state"].items():
+            for name, value in slots.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{fqn}.{name}"] = value
+                else:
+                    optim_meta["scalars"].setdefault(fqn, {})[name] = value
+    return tensors, msd, optim_meta
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_sharded(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    config: JobConfig,
+    state: TrainState,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
+    rng_states: Sequence[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write the sharded-layout checkpoint of a (FSDP) model: a collective, called by every rank.
+
+    Every rank writes its shards into ``path``; ranks may pass different paths (e.g. one local folder each, to be
+    uploaded into one place): each then holds its own rank's shards, and rank 0's folder the metadata. Each folder
+    is written under a temporary name and renamed into place once every rank's shards are on disk.
+    ``rng_states``: every rank's RNG state (`gather_rng_states`); default: this process's only.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    path = Path(path).absolute()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    paths: list[Any] = [None] * world
+    dist.all_gather_object(paths, str(path))
+    token: list[Any] = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    owner = paths.index(str(path)) == rank  # the lowest rank writing into this folder renames it into place
+    tmp = path.parent / f".{path.name}.tmp-{token[0]}"
+    tensors, _, optim_meta = _flat_state(model, optimizer)
+    try:
+        (tmp / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True))
+        dist.barrier()  # every shard is on disk (the writer fsyncs each file)
+        listing = {f"{SHARDS_DIR}/{f.name}": f.stat().st_size for f in (tmp / SHARDS_DIR).iterdir()}
+        listings: list[Any] = [None] * world
+        dist.all_gather_object(listings, listing)
+        if rank == 0:
+            files = {name: size for found in listings for name, size in found.items()}
+            save_file(_rng_tensors(rng_states), tmp / RNG_FILE)
+            files[RNG_FILE] = (tmp / RNG_FILE).stat().st_size
+            meta: dict[str, Any] = {
+                "format": FORMAT,
+                "version": 2,
+                "layout": SHARDED,
+                "world_size": world,
+                "config": config.to_dict(),
+                "state": state.to_dict(),
+                "extra": extra or {},
+                "files": files,
+            }
+            if optim_meta is not None:
+                meta["optimizer"] = optim_meta
+            if scaler is not None and scaler.is_enabled():
+                meta["scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            for name in (RNG_FILE, META_FILE):
+                _fsync(tmp / name)
+        dist.barrier()
+        if owner:
+            _replace_dir(tmp, path)
+        dist.barrier()  # the checkpoint is in place when any rank returns
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_sharded(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's ``meta.json`` (`read_meta`) describes the sharded layout."""
+    return meta.get("layout") == SHARDED
+
+
+def _check_sharded_files(path: Path, meta: dict[str, Any]) -> None:
+    files = meta.get("files", {})
+    if not any(name.startswith(f"{SHARDS_DIR}/") for name in files):
+        raise CheckpointError(f"{path / META_FILE} lists no shard files; the checkpoint is incomplete, pick another")
+    for name, size in files.items():
+        _check_file(path / name, size)
+
+
+def _shard_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    return HuggingFaceStorageReader(str(path / SHARDS_DIR))
+
+
+def _sharded_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Full shape and dtype of every tensor of a sharded checkpoint, from the shards' headers (no tensor read)."""
+    try:
+        metadata = _shard_reader(path).read_metadata()
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path / SHARDS_DIR} holds a corrupt or truncated shard ({exc}); pick an earlier checkpoint"
+        ) from None
+    return {k: (m.size, m.properties.dtype) for k, m in metadata.state_dict_metadata.items()}
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path / SHARDS_DIR}: cannot read the shards ({exc}); pick an earlier checkpoint")
+
+
+def _read_sharded(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Full CPU tensors named ``prefix...`` (the prefix removed) of a sharded checkpoint, read by this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    shapes = _sharded_shapes(path)
+    wanted = {k: torch.empty(size, dtype=dtype) for k, (size, dtype) in shapes.items() if k.startswith(prefix)}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(wanted, storage_reader=_shard_reader(path), no_dist=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from None
+    return {k.removeprefix(prefix): v for k, v in wanted.items()}
+
+
+def _indexed_optimizer_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A sharded checkpoint's optimizer state (full tensors by parameter name) as ``Optimizer.state_dict()`` has it:
+    parameters numbered across the param groups, in order."""
+    index, groups = {}, []
+    for group in meta["param_groups"]:
+        ids = []
+        for fqn in group["params"]:
+            index[fqn] = len(index)
+            ids.append(index[fqn])
+        groups.append({**group, "params": ids})
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        fqn, name = key.rsplit(".", 1)
+        state.setdefault(index[fqn], {})[name] = value
+    for fqn, slots in meta.get("scalars", {}).items():
+        state.setdefault(index[fqn], {}).update(slots)
+    return {"state": state, "param_groups": groups}
+
+
+def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a sharded checkpoint's weights (and optimizer state) into a FSDP-sharded ``model``: a collective.
+
+    Each rank reads the pieces of the saved shards that make up its own shards now: the checkpoint may have been
+    written by any number of ranks.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    meta = read_meta(path)
+    _check_sharded_files(path, meta)
+    model = _unwrap(model)
+    targets, msd, _ = _flat_state(model, optimizer)
+    if optimizer is None or "optimizer" not in meta:
+        targets = {k: v for k, v in targets.items() if k.startswith("model.")}
+    saved = _sharded_shapes(path)
+    missing = sorted(set(targets) - set(saved))
+    if missing:
+        raise CheckpointError(
+            f"{path} does not fit this run: it lacks {missing[:5]}{'...' if len(missing) > 5 else ''}; it was saved "
+            "from a different architecture or optimizer (check model.* settings)"
+        )
+    for key, target in targets.items():
+        if tuple(saved[key][0]) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(saved[key][0])}, this run expects {tuple(target.shape)}; it was "
+                "saved from a different architecture (check model.* settings)"
+            )
+    try:
+        dcp.load(targets, storage_reader=_shard_reader(path))  # in place, into this rank's shards
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _unreadable(path, exc) from None
+    for key, value in targets.items():
+        if key.startswith("model."):
+            msd[key.removeprefix("model.")] = value
+    if _tied_head(model):
+        msd["head.weight"] = msd["tok_emb.weight"]
+    set_model_state_dict(model, msd)
+    if optimizer is not None and "optimizer" in meta:
+        state: dict[str, dict[str, Any]] = {}
+        for key, value in targets.items():
+            if key.startswith("optim."):
+                fqn, name = key.removeprefix("optim.").rsplit(".", 1)
+                state.setdefault(fqn, {})[name] = value
+        for fqn, slots in meta["optimizer"].get("scalars", {}).items():
+            state.setdefault(fqn, {}).update(slots)
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -318,8 +561,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> Checkpoint:
-    """Read a checkpoint folder (CPU tensors), checking it is complete."""
+def load_checkpoint(path: str | Path, *, with_optimizer: bool = True, with_weights: bool = True) -> Checkpoint:
+    """Read a checkpoint folder (CPU tensors), checking it is complete.
+
+    A sharded checkpoint is read into full tensors by this process alone, as if it had been saved whole (its
+    optimizer state numbered as ``Optimizer.state_dict()`` numbers it). ``with_weights=False`` leaves the weights
+    (and the optimizer state) out: the metadata, train state and RNG states only.
+    """
     path = Path(path)
     meta = read_meta(path)
     files = meta.get("files", {})
@@ -327,7 +575,15 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> Checkpo
         config = JobConfig.from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / META_FILE}: invalid config ({exc})") from None
-    model_state = _load_tensors(path / MODEL_FILE, files.get(MODEL_FILE))
+    sharded = is_sharded(meta)
+    if sharded:
+        _check_sharded_files(path, meta)
+    model_state = {}
+    if with_weights:
+        if sharded:
+            model_state = _read_sharded(path, "model.")
+        else:
+            model_state = _load_tensors(path / MODEL_FILE, files.get(MODEL_FILE))
     ckpt = Checkpoint(
         path=path,
         config=config,
@@ -336,6 +592,12 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> Checkpo
         scaler_state=meta.get("scaler"),
         extra=meta.get("extra", {}),
     )
+    if sharded:
+        if with_optimizer:
+            ckpt.rng = _load_tensors(path / RNG_FILE, files.get(RNG_FILE))
+            if "optimizer" in meta and with_weights:
+                ckpt.optimizer_state = _indexed_optimizer_state(meta["optimizer"], _read_sharded(path, "optim."))
+        return ckpt
     if with_optimizer:
         tensors = _load_tensors(path / OPTIMIZER_FILE, files.get(OPTIMIZER_FILE))
         ckpt.rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
@@ -397,7 +659,7 @@ ARCHITECTURE_FIELDS = (
 def check_fits(path: str | Path, config: GPTConfig) -> None:
     """Raise `CheckpointError` unless the weights of checkpoint ``path`` load into a model of ``config``.
 
-    Cheap: reads meta.json and the safetensors header, builds the model on the meta device; loads no tensor.
+    Cheap: reads meta.json and the safetensors headers, builds the model on the meta device; loads no tensor.
     """
     from gptcore.model import GPT
 
@@ -407,13 +669,18 @@ def check_fits(path: str | Path, config: GPTConfig) -> None:
         theirs = JobConfig.from_dict(meta["config"]).model
     except (ConfigError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / META_FILE}: invalid config ({exc})") from None
-    file = path / MODEL_FILE
-    _check_file(file, meta.get("files", {}).get(MODEL_FILE))
-    try:
-        with safe_open(file, framework="pt") as f:
-            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file} is corrupt or truncated ({exc}); pick an earlier checkpoint") from None
+    if is_sharded(meta):
+        _check_sharded_files(path, meta)
+        shapes = _sharded_shapes(path)
+        saved = {k.removeprefix("model."): tuple(v[0]) for k, v in shapes.items() if k.startswith("model.")}
+    else:
+        file = path / MODEL_FILE
+        _check_file(file, meta.get("files", {}).get(MODEL_FILE))
+        try:
+            with safe_open(file, framework="pt") as f:
+                saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is corrupt or truncated ({exc}); pick an earlier checkpoint") from None
     with torch.device("meta"):
         wanted = {k: tuple(v.shape) for k, v in model_state_dict(GPT(config)).items()}
     if saved == wanted:

@@ -19,6 +19,11 @@ PosEmb = Literal["learned", "sinusoidal", "rope"]
 POS_EMBS: tuple[str, ...] = typing.get_args(PosEmb)
 InitScheme = Literal["gpt2", "torch"]
 INIT_SCHEMES: tuple[str, ...] = typing.get_args(InitScheme)
+Parallel = Literal["ddp", "fsdp"]
+PARALLELS: tuple[str, ...] = typing.get_args(Parallel)
+#: Under FSDP the token embedding (and a tied head) is sharded by rows: its row count must be a multiple of this
+#: (50257 -> 50304 with model.pad_vocab_multiple=64), so that every worker count that divides it shards evenly.
+FSDP_VOCAB_MULTIPLE = 64
 
 
 class ConfigError(ValueError):
@@ -223,6 +228,11 @@ class TrainConfig:
     init_from: str = "scratch"  # "scratch", a GPT-2 model id ("gpt2", ...) or a local checkpoint path
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    # "ddp": every worker holds the whole model, gradients are all-reduced. "fsdp": FSDP2, parameters, gradients
+    # and optimizer state sharded across the workers (each block, then the rest of the model, one group each)
+    parallel: Parallel = "ddp"
+    fsdp_cpu_offload: bool = False  # fsdp: keep the sharded parameters, gradients and optimizer state in host memory
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "epochs", "eval_iters"):
@@ -255,6 +265,23 @@ class TrainConfig:
         )
         _require(isinstance(self.compile, bool), "train.compile", "must be true or false")
         _require(
+            self.parallel in PARALLELS,
+            "train.parallel",
+            f"unknown data parallelism {self.parallel!r}; choose one of {', '.join(PARALLELS)}",
+        )
+        for name in ("fsdp_cpu_offload", "activation_checkpointing"):
+            _require(isinstance(getattr(self, name), bool), f"train.{name}", "must be true or false")
+        _require(
+            not self.fsdp_cpu_offload or self.parallel == "fsdp",
+            "train.fsdp_cpu_offload",
+            "only applies with train.parallel=fsdp (DDP keeps the whole model on each device); set both or neither",
+        )
+        _require(
+            not (self.parallel == "fsdp" and self.precision == "fp16"),
+            "train.precision",
+            "fp16 (with its gradient scaler) is not supported with train.parallel=fsdp; use bf16 or fp32",
+        )
+        _require(
             isinstance(self.init_from, str) and self.init_from != "", "train.init_from", "must be a non-empty string"
         )
         _require(isinstance(self.sample_prompt, str), "train.sample_prompt", "must be a string")
@@ -273,6 +300,18 @@ class JobConfig:
     model: GPTConfig = field(default_factory=lambda: model_config("gpt2-small"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.parallel == "fsdp" and self.model.padded_vocab_size % FSDP_VOCAB_MULTIPLE:
+            m = self.model
+            padded = -(-m.vocab_size // FSDP_VOCAB_MULTIPLE) * FSDP_VOCAB_MULTIPLE
+            raise ConfigError(
+                f"model.pad_vocab_multiple: train.parallel=fsdp shards the {m.padded_vocab_size}-row token embedding "
+                f"by rows, and {m.padded_vocab_size} rows do not split evenly across workers (with a tied head the "
+                "last worker's rows are then never updated, pytorch#176076); set model.pad_vocab_multiple="
+                f"{FSDP_VOCAB_MULTIPLE} ({padded} rows; padding rows are "
+                "never a target, generation ignores them)"
+            )
 
     @property
     def stride(self) -> int:

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
 
@@ -208,6 +209,10 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        # Training forwards keep only each block's input and recompute its activations in the backward pass
+        # (`torch.utils.checkpoint`, non-reentrant): activation memory of one block instead of all. A training setting,
+        # not part of the architecture (`train.activation_checkpointing`); parameter names do not change.
+        self.activation_checkpointing = False
         V, L, D = config.padded_vocab_size, config.context_length, config.d_model
         self.tok_emb = nn.Embedding(V, D)
         if config.pos_emb == "learned":
@@ -286,8 +291,12 @@ class GPT(nn.Module):
             rope = (cos, sin)
         x = self.emb_dropout(x)
         attn_mask = self._attention_mask(start, T, pad_mask, idx.device)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, cache, attn_mask)
+            if recompute:
+                x = checkpoint(block, x, rope, None, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.length += T
         if last_only:

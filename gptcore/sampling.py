@@ -63,22 +63,25 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens.
 
     A row stops at ``eos_id`` (which is not returned); generation ends when every row has stopped.
+    ``device``: where the model computes (default: where its parameters are; FSDP with CPU offload differs).
     """
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     try:
-        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator)
+        options = (temperature, top_k, top_p, eos_id, use_cache, generator, device)
+        return _generate(model, prompts, max_new_tokens, *options)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator):
-    device = next(model.parameters()).device
+def _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, device):
     L, V = model.config.context_length, model.config.vocab_size
     rows = [list(map(int, p)) for p in prompts]
     if any(len(r) == 0 for r in rows):

@@ -2,13 +2,16 @@
 
 `train(config, hooks)` is a plain single-process loop. Distributed runners (the orchestrator's
 Ray Train worker) call the same function with their rank, world size, device and a model
-wrapper (DDP), and plug metrics, samples and checkpoints in through `Hooks`.
+wrapper (DDP), and plug metrics, samples and checkpoints in through `Hooks`. With
+``train.parallel="fsdp"`` the loop shards the model itself (`gptcore.parallel`) and writes sharded
+checkpoints; every piece below works on either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import math
 import platform
 import random
@@ -24,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from gptcore.checkpoint import (
+    CheckpointError,
     CheckpointWriter,
     Snapshot,
     TrainState,
@@ -31,14 +35,20 @@ from gptcore.checkpoint import (
     gather_rng_states,
     load_checkpoint,
     load_model_weights,
+    load_sharded_into,
+    read_meta,
     restore_rng,
+    save_sharded,
     take_snapshot,
     write_snapshot,
 )
+from gptcore.checkpoint import is_sharded as is_sharded_checkpoint
 from gptcore.config import JobConfig, TrainConfig
 from gptcore.data import SlidingWindowDataset, build_datasets, make_loader
 from gptcore.model import GPT
-from gptcore.sampling import generate_text
+from gptcore.parallel import ensure_process_group, full_value, is_sharded, set_gradient_sync, shard_model
+from gptcore.sampling import generate, generate_text
+from gptcore.tokenizer import EOT_ID, decode, encode
 
 # --------------------------------------------------------------------------- pieces
 
@@ -147,17 +157,38 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    if is_sharded(model):  # every forward is a collective: all ranks run the same number
+        batches = _lockstep(loader, min(eval_iters, len(loader)))
+    else:
+        batches = ((x, y, True) for x, y in itertools.islice(loader, eval_iters))
     try:
         with autocast(device, dtype):  # one autocast region: each weight is cast once, not once per batch
-            for i, (x, y) in enumerate(loader):
-                if i >= eval_iters:
-                    break
+            for x, y, counted in batches:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                total += model(x, targets=y).item()
-                count += 1
+                loss = model(x, targets=y).item()
+                if counted:
+                    total += loss
+                    count += 1
     finally:
         model.train(was_training)
     return _all_reduce_mean(total / max(count, 1), device)
+
+
+def _lockstep(loader: torch.utils.data.DataLoader, rounds: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """``rounds`` batches of ``loader``; once this rank's run out (the last global batch may leave it none), a batch
+    again, marked not to be counted, so that it still takes part in every round's forward."""
+    spare = None
+    batches = iter(loader)
+    for _ in range(rounds):
+        batch = next(batches, None)
+        if batch is not None:
+            spare = batch
+            yield batch[0], batch[1], True
+            continue
+        if spare is None:
+            x, y = loader.dataset[0]
+            spare = (x[None], y[None])
+        yield spare[0], spare[1], False
 
 
 # --------------------------------------------------------------------------- hooks
@@ -166,16 +197,32 @@ def evaluate(
 class CheckpointSaver:
     """What hooks get at checkpoint points: ``save(dir)`` writes a checkpoint of the current state now;
     ``save.start(dir)`` copies the state to host memory and writes it in the background (a `Future` of the path).
+
+    ``save.sharded``: the model is sharded (FSDP). Then saving is a collective: **every** rank calls ``save`` (or
+    ``save.start``) at the same point, each with the same folder or one of its own (`save_sharded`), and each
+    writes its own shards there; ``start`` writes them before it returns (a finished `Future`).
     """
 
-    def __init__(self, take: Callable[[bool], Snapshot], writer: CheckpointWriter):
-        self._take, self._writer = take, writer
+    def __init__(
+        self,
+        take: Callable[[bool], Snapshot] | None,
+        writer: CheckpointWriter,
+        write_sharded: Callable[[Path], Path] | None = None,
+    ):
+        self._take, self._writer, self._write_sharded = take, writer, write_sharded
+        self.sharded = write_sharded is not None
 
     def __call__(self, path: Path) -> Path:
         self._writer.wait()
+        if self._write_sharded is not None:
+            return self._write_sharded(path)
         return write_snapshot(self._take(False), path)
 
     def start(self, path: Path) -> Future[Path]:
+        if self._write_sharded is not None:
+            done: Future[Path] = Future()
+            done.set_result(self(path))
+            return done
         return self._writer.submit(lambda: self._take(True), path)
 
 
@@ -251,13 +298,13 @@ class HookList(Hooks):
 
 
 class LocalCheckpoints(Hooks):
-    """Keep ``latest/`` and ``best/`` checkpoint folders under ``directory`` (rank 0)."""
+    """Keep ``latest/`` and ``best/`` checkpoint folders under ``directory`` (rank 0; every rank when sharded)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
 
     def on_eval(self, ctx, state, metrics, sample, save):
-        if save is None or not ctx.is_main:
+        if save is None or not (ctx.is_main or save.sharded):
             return
         save(self.directory / "latest")
         if metrics.get("val_loss", math.inf) <= state.best_val_loss:
@@ -338,7 +385,7 @@ class Run:
 
     config: JobConfig
     ctx: TrainContext
-    model: torch.nn.Module  # compiled and/or wrapped (DDP): what forward and backward go through
+    model: torch.nn.Module  # compiled and/or wrapped (DDP), or sharded (FSDP): what forward and backward go through
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     state: TrainState
@@ -370,6 +417,21 @@ class Run:
         return iter(loader)
 
     def saver(self) -> CheckpointSaver:
+        if is_sharded(self.model):
+
+            def write(path: Path) -> Path:
+                return save_sharded(
+                    path,
+                    model=self.ctx.model,
+                    config=self.config,
+                    state=self.state,
+                    optimizer=self.optimizer,
+                    scaler=self.scaler,
+                    rng_states=self.rng_states or None,
+                )
+
+            return CheckpointSaver(None, self.writer, write)
+
         def take(copy: bool) -> Snapshot:
             return take_snapshot(
                 model=self.ctx.model,
@@ -396,8 +458,21 @@ def setup(
     datasets: tuple[SlidingWindowDataset, SlidingWindowDataset] | None,
     data_dir: str | Path | None,
 ) -> Run:
-    """Seed, data, model, optimizer, and the state of a resumed run; the `Run` the loop works on."""
+    """Seed, data, model, optimizer, and the state of a resumed run; the `Run` the loop works on.
+
+    ``train.parallel="fsdp"`` needs torch.distributed initialised (`train` starts a one-rank group if it is not);
+    the model is sharded here, and ``wrap_model`` must be None.
+    """
     t = config.train
+    fsdp = t.parallel == "fsdp"
+    if fsdp:
+        if wrap_model is not None:
+            raise ValueError("train.parallel=fsdp: gptcore shards the model itself; pass no wrap_model")
+        if not dist.is_initialized() or dist.get_world_size() != world_size:
+            raise ValueError(
+                f"train.parallel=fsdp needs torch.distributed initialised with {world_size} rank(s) "
+                "(train() starts a one-rank group itself when there is none)"
+            )
     if device.type == "cpu":
         keep_freed_memory_mapped()
         if t.num_threads:
@@ -412,8 +487,19 @@ def setup(
             f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
         )
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
-    model, init_report = build_model(config, device)
-    optimizer = configure_optimizer(model, config, device)
+    # Every rank builds rank 0's initial weights (its seed's), then draws from its own stream: FSDP shards them as
+    # they are (DDP would broadcast rank 0's anyway). FSDP: built on the CPU, sharding moves one group at a time.
+    with torch.random.fork_rng(devices=[], enabled=rank != 0):
+        if rank != 0:
+            torch.manual_seed(t.seed)
+        model, init_report = build_model(config, torch.device("cpu") if fsdp else device)
+    model.activation_checkpointing = t.activation_checkpointing
+    if fsdp:
+        if t.compile:  # each block, in place (parameter names unchanged), before sharding: FSDP's hooks stay eager
+            for block in model.blocks:
+                block.compile()
+        shard_model(model, device=device, dtype=dtype, cpu_offload=t.fsdp_cpu_offload)
+    optimizer = configure_optimizer(model, config, device)  # after sharding: it holds this rank's shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = resume(resume_from, config, model, optimizer, scaler, train_ds.key, rank) or TrainState(
         seed=t.seed, data_key=train_ds.key
@@ -433,8 +519,10 @@ def setup(
         resumed_from=str(resume_from) if resume_from else None,
         init_report=init_report,
     )
-    wrapped = torch.compile(model) if t.compile else model
-    wrapped = wrap_model(wrapped) if wrap_model is not None else wrapped
+    wrapped = model
+    if not fsdp:
+        wrapped = torch.compile(model) if t.compile else model
+        wrapped = wrap_model(wrapped) if wrap_model is not None else wrapped
 
     def eval_loader(dataset: SlidingWindowDataset) -> torch.utils.data.DataLoader:
         pin = device.type == "cuda"
@@ -455,14 +543,29 @@ def resume(
     data_key: str,
     rank: int,
 ) -> TrainState | None:
-    """Load a checkpoint's weights, optimizer, scaler and this rank's RNG state; its train state (None: no path)."""
+    """Load a checkpoint's weights, optimizer, scaler and this rank's RNG state; its train state (None: no path).
+
+    A sharded model (FSDP) reads its shards of a sharded checkpoint, written by any number of ranks; any other
+    model reads a checkpoint of either layout whole.
+    """
     if path is None:
         return None
-    ckpt = load_checkpoint(path)
-    check_resumable(ckpt, config, data_key)
-    load_model_weights(model, ckpt.model_state, source=str(path))
-    if ckpt.optimizer_state is not None:
-        optimizer.load_state_dict(ckpt.optimizer_state)
+    if is_sharded(model):
+        if not is_sharded_checkpoint(read_meta(path)):
+            raise CheckpointError(
+                f"cannot resume a train.parallel=fsdp run from {path}: it was written whole, by a "
+                "train.parallel=ddp run; resume it with train.parallel=ddp, or start from its weights with "
+                "train.init_from"
+            )
+        ckpt = load_checkpoint(path, with_weights=False)
+        check_resumable(ckpt, config, data_key)
+        load_sharded_into(path, model, optimizer)
+    else:
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, config, data_key)
+        load_model_weights(model, ckpt.model_state, source=str(path))
+        if ckpt.optimizer_state is not None:
+            optimizer.load_state_dict(ckpt.optimizer_state)
     if ckpt.scaler_state:
         scaler.load_state_dict(ckpt.scaler_state)
     restore_rng(ckpt.rng, rank=rank, seed=config.train.seed + rank)
@@ -481,8 +584,10 @@ def forward_backward_step(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> torch.Tensor:
-    """One of ``n_micro`` micro-batches: forward, loss / n_micro, backward (gradients all-reduced only if ``sync``)."""
+    """One of ``n_micro`` micro-batches: forward, loss / n_micro, backward (gradients all-reduced, or reduce-scattered
+    under FSDP, only if ``sync``)."""
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    set_gradient_sync(model, sync)  # FSDP (DDP: no_sync below)
     no_sync = not sync and hasattr(model, "no_sync")
     with model.no_sync() if no_sync else contextlib.nullcontext(), autocast(device, dtype):
         loss = model(x, targets=y) / n_micro
@@ -509,7 +614,8 @@ def optimizer_step(
     grad_norm = float("nan")
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        # over every rank's shards under FSDP (the norm of DTensor gradients is a replicated DTensor)
+        grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -552,20 +658,45 @@ def evaluate_and_report(run: Run, checkpoint: bool, extra: dict[str, float]) -> 
     metrics["best_val_loss"] = state.best_val_loss
     want_sample = t.sample_every is None or (t.sample_every > 0 and state.step % t.sample_every == 0)
     sample = None
-    if want_sample and ctx.is_main and t.sample_max_new_tokens > 0:
-        with autocast(ctx.device, ctx.dtype):
-            sample = generate_text(
+    if want_sample and t.sample_max_new_tokens > 0 and (ctx.is_main or is_sharded(run.model)):
+        sample = _sample(run)
+    if checkpoint:  # a collective on every rank: rank 0's hooks save every rank's RNG state
+        run.rng_states[:] = gather_rng_states(ctx.device) or []
+    run.hooks.on_eval(ctx, state, metrics, sample, run.saver() if checkpoint else None)
+    run.rng_states.clear()
+    return metrics
+
+
+def _sample(run: Run) -> str | None:
+    """Rank 0's sample generation (None on the other ranks).
+
+    A sharded model's every forward gathers its parameters, a collective: all ranks generate, in lockstep — the
+    same prompt, a generator seeded alike on all, and no early stop at end-of-text (the text is cut there after), so
+    every rank runs exactly ``sample_max_new_tokens`` forwards whatever its numerics.
+    """
+    t, ctx = run.config.train, run.ctx
+    with autocast(ctx.device, ctx.dtype):
+        if not is_sharded(run.model):
+            return generate_text(
                 ctx.model,
                 t.sample_prompt,
                 t.sample_max_new_tokens,
                 temperature=t.sample_temperature,
                 top_k=t.sample_top_k,
             )[0]
-    if checkpoint:  # a collective on every rank: rank 0's hooks save every rank's RNG state
-        run.rng_states[:] = gather_rng_states(ctx.device) or []
-    run.hooks.on_eval(ctx, state, metrics, sample, run.saver() if checkpoint else None)
-    run.rng_states.clear()
-    return metrics
+        generator = torch.Generator(device=ctx.device).manual_seed(t.seed + run.state.step)
+        new = generate(
+            ctx.model,
+            [encode(t.sample_prompt)],
+            t.sample_max_new_tokens,
+            temperature=t.sample_temperature,
+            top_k=t.sample_top_k,
+            generator=generator,
+            device=ctx.device,
+        )[0]
+    if not ctx.is_main:
+        return None
+    return t.sample_prompt + decode(new[: new.index(EOT_ID)] if EOT_ID in new else new)
 
 
 def train(
@@ -583,10 +714,21 @@ def train(
     """Train a GPT as ``config`` says; resumes from a checkpoint folder if given.
 
     ``wrap_model`` wraps the model for data parallelism (e.g. DDP); each rank reads its slice of every global batch.
-    ``data_dir`` is a prepared dataset folder (default: the corpus prepared under the cache). Returns when the epochs
-    or ``max_steps`` are done, or early with status ``"diverged"`` when the loss stops being finite.
+    With ``train.parallel="fsdp"`` the model is sharded across the ranks instead (no ``wrap_model``); a process
+    without torch.distributed trains as a one-rank group. ``data_dir`` is a prepared dataset folder (default: the
+    corpus prepared under the cache). Returns when the epochs or ``max_steps`` are done, or early with status
+    ``"diverged"`` when the loss stops being finite.
     """
     device = torch.device(device) if device is not None else resolve_device(config.train.device)
+    own_group = config.train.parallel == "fsdp" and ensure_process_group(device)
+    try:
+        return _train(config, hooks, resume_from, rank, world_size, device, wrap_model, datasets, data_dir)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, datasets, data_dir) -> TrainResult:
     run = setup(
         config,
         hooks or Hooks(),

@@ -2,7 +2,8 @@
 
 Rank 0 logs per-step metrics, samples and the loss curve to the trial's MLflow child run; every
 rank takes part in `ray.train.report` at evaluation points (a collective), rank 0 attaching a
-checkpoint at checkpoint points.
+checkpoint at checkpoint points — or, when the model is sharded (FSDP), every rank attaching the
+checkpoint folder it wrote its shards to (the same folder, or one each that Ray uploads into one).
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "epo
 
 
 class RayReporter(Hooks):
-    """Reports evaluation metrics (and checkpoints from rank 0) to Ray Train / Tune."""
+    """Reports evaluation metrics (and checkpoints from rank 0, or from every rank when sharded) to Ray Train / Tune.
+
+    Every rank reports the same metrics the same number of times; Ray registers a checkpoint once every rank that
+    attached it has reported it.
+    """
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -54,7 +59,7 @@ class RayReporter(Hooks):
         self.last = {**metrics, **self._progress(ctx, state)}
         name = f"checkpoint_{state.step:07d}"
         checkpoint, upload, delete_local = None, None, False
-        if save is not None and ctx.is_main:
+        if save is not None and (ctx.is_main or save.sharded):  # sharded: a collective, each rank its own shards
             checkpoint, upload, delete_local = self._start_checkpoint(save, name)
         ray.train.report(
             dict(self.last),
@@ -70,7 +75,8 @@ class RayReporter(Hooks):
         """Start writing a checkpoint in the background; Ray's upload thread waits for it, then registers it."""
         storage = ray.train.get_context().get_storage()
         if isinstance(storage.storage_filesystem, pafs.LocalFileSystem):
-            # Local or NFS storage: written in place (atomically), nothing is copied.
+            # Local or NFS storage: written in place (atomically), nothing is copied. Sharded: every rank writes
+            # into this one folder (renamed into place once all shards are written).
             path = storage.build_checkpoint_path_from_name(name)
             written = save.start(Path(path))
 
@@ -79,7 +85,8 @@ class RayReporter(Hooks):
                 return checkpoint
 
             return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem), in_place, False
-        # Object storage: written to a local folder, then uploaded (and the local copy deleted).
+        # Object storage: written to a local folder, then uploaded (and the local copy deleted). Sharded: each rank
+        # its own folder of its shards (rank 0's with meta.json), all uploaded into the checkpoint's one folder.
         local = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
         written = save.start(local)
 

@@ -131,7 +131,7 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
     (``train.num_threads``, unless the experiment sets it), so the loop sets them, once."""
     cpus_per_worker = options.cpus_per_worker or experiment.cpus_per_worker or 1
     trials = [with_threads(t, cpus_per_worker) for t in expand_trials(experiment, options.overrides)]
-    return Plan(
+    plan = Plan(
         experiment=experiment,
         trials=trials,
         workers=options.workers or experiment.workers,
@@ -139,6 +139,23 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
         cpus_per_worker=cpus_per_worker,
         max_concurrent=concurrency_limit(experiment, options),
     )
+    check_sharding(plan)
+    return plan
+
+
+def check_sharding(plan: Plan) -> None:
+    """FSDP shards the token embedding by rows across the workers: their number must divide its rows."""
+    for trial in plan.trials:
+        job = trial.job
+        if not isinstance(job, JobConfig) or job.train.parallel != "fsdp":
+            continue
+        rows = job.model.padded_vocab_size
+        if rows % plan.workers:
+            raise SweepError(
+                f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
+                f"{plan.workers} workers, which do not divide it evenly; use a worker count that divides {rows} "
+                "(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
+            )
 
 
 def with_threads(trial: Trial, cpus_per_worker: float) -> Trial:

@@ -48,6 +48,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=device)
 
+    # DDP through Ray's prepare_model; FSDP2 is applied by gptcore itself (prepare_model's "fsdp" is FSDP1, which
+    # needs CUDA), on the process group Ray Train set up (one rank included)
+    ddp = world_size > 1 and job.train.parallel == "ddp"
+
     data_dir = local_dataset(loop_config["dataset"]) if loop_config.get("dataset") else None
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
@@ -59,6 +63,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rank=rank,
             world_size=world_size,
             device=device,
-            wrap_model=wrap if world_size > 1 else None,
+            wrap_model=wrap if ddp else None,
             data_dir=data_dir,
         )

@@ -42,9 +42,23 @@ STUDIES: dict[str, list[str]] = {
     "lr_sweep": ["train.lr=[5e-4,1e-4]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
     "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
     "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=5e-4"],
+    # the GPU study on the CPU: FSDP over gloo on 2 workers (ARGS), fp32, no compile, the-verdict
+    "gpt2_xl_fsdp": [
+        "data.corpus=the-verdict",
+        "train.precision=fp32",
+        "train.compile=false",
+        "train.batch_size=2",
+        "train.grad_accum_steps=1",
+        "train.warmup_steps=0",
+        "train.lr=1e-3",
+    ],
 }
-ARGS: dict[str, list[str]] = {"lr_sweep": ["--max-concurrent", "1"]}  # extra command-line arguments
-TRIALS = {"posemb_sweep": 1, "full_grid": 1}  # a grid narrowed to one point (each trial costs a Ray Train start)
+ARGS: dict[str, list[str]] = {  # extra command-line arguments
+    "lr_sweep": ["--max-concurrent", "1"],
+    "gpt2_xl_fsdp": ["--workers", "2", "--use-gpu", "no"],
+}
+# a grid narrowed to one point (each trial costs a Ray Train start)
+TRIALS = {"posemb_sweep": 1, "full_grid": 1, "gpt2_xl_fsdp": 1}
 STOPPED = {"lr_sweep": ["001_lr=0.0001"]}  # trials ASHA stops at its first rung
 # the test cluster has 2 CPUs and no GPU
 REFUSED_ON_THE_CLUSTER = {

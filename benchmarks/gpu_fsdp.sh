@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# FSDP on one GPU, in one process: gptcore's whole loop (train.parallel=fsdp; train() starts a one-rank NCCL group,
+# no torchrun, no Ray) training gpt2-large, then gpt2-xl, 30 steps each at batch 8 x 1024 on random tokens, with
+# activation checkpointing, bf16 parameters / fp32 reductions, torch.compile of each block and the vocabulary padded
+# to 50304 (benchmarks/bench_gpu_fsdp.py). Prints tokens/s, MFU (gptcore.hardware) and peak GPU memory of each.
+# Fits an 80 GB H100 (gpt2-xl: 25 GB of fp32 weights, gradients and AdamW state, a few GB of activations).
+# No internet and no corpus needed; wheels in a git-ignored .whl/ are installed first, as gpu_session.sh does.
+# Each step runs under its own `timeout` and logs to $OUT/NAME.txt (default ./gpu-logs): one failure does not hide
+# the others. The default steps take under 6 minutes in all:
+#   bash benchmarks/gpu_fsdp.sh                  # versions large xl
+#   bash benchmarks/gpu_fsdp.sh xl_eager xl_noac # more: no compile / no activation checkpointing (see STEPS)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-gpu-logs}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+B=benchmarks/bench_gpu_fsdp.py
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt, print its result lines
+    local name=$1 limit=$2; shift 2
+    echo "== $name: ${*%%$'\n'*}"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
+    local rc=$?
+    echo "   exit $rc after $((SECONDS - t0)) s$([[ $rc == 124 ]] && echo " (timed out)")"
+    grep -E "BENCH_RESULT|tokens/s|^set up|Error|error:|^note" "$OUT/$name.txt" | tail -8
+}
+VERSIONS='import sys, torch, torch.distributed as dist
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| nccl", ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "-")
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA",
+      "| bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "| nccl backend", dist.is_nccl_available())
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy  # FSDP2
+import gptcore.parallel, gptcore.train
+from gptcore.hardware import peak_flops
+print("FSDP2 and gptcore import; datasheet peak", peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None)'
+declare -A STEPS=(
+    [versions]="20"
+    [large]="140 python3 $B --preset gpt2-large --batch 8 --steps 30"
+    [xl]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30"
+    [xl_eager]="120 python3 $B --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
+    [xl_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --no-ac"
+    [xl_offload]="200 python3 $B --preset gpt2-xl --batch 8 --steps 12 --skip 4 --no-compile --cpu-offload"
+)
+nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv 2>&1 | head -3
+for name in ${@:-versions large xl}; do
+    [[ -n "${STEPS[$name]:-}" ]] || { echo "unknown step $name (known: ${!STEPS[*]})"; continue; }
+    if [[ $name == versions ]]; then
+        step versions "${STEPS[versions]}" python3 -c "$VERSIONS"
+    else
+        # shellcheck disable=SC2086
+        step "$name" ${STEPS[$name]}
+    fi
+done

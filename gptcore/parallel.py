@@ -1,0 +1,84 @@
+"""Fully sharded data parallelism (FSDP2) for gptcore's GPT: sharding, gradient sync, and its process group.
+
+With ``train.parallel="fsdp"`` every transformer block is one FSDP group and the rest of the model (token and
+position embeddings, final norm, head — a tied head shares the embedding's group, as it must) is the root group.
+Each rank holds 1/world of every parameter, gradient and AdamW moment; a group's parameters are all-gathered just
+before its forward (and again for its backward), and its gradients reduce-scattered right after. The optimizer is
+built after sharding, so it holds (and steps) only this rank's shards.
+
+Pure PyTorch: `torch.distributed.fsdp.fully_shard` on an explicit 1-D device mesh (``"cpu"`` with gloo, where a
+default CUDA mesh would not do, or ``"cuda"`` with NCCL).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from gptcore.config import ConfigError
+from gptcore.model import GPT
+
+
+def ensure_process_group(device: torch.device) -> bool:
+    """Start a one-rank process group if torch.distributed has none (FSDP needs one); True if it was started here.
+
+    A process that runs `gptcore.train.train` by itself, without torchrun or Ray, trains with FSDP of one rank.
+    """
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def shard_model(model: GPT, *, device: torch.device, dtype: torch.dtype | None, cpu_offload: bool = False) -> GPT:
+    """Shard ``model`` in place with FSDP2 across every rank of the default process group; returns it.
+
+    ``model`` may still be on the CPU: each group's parameters move to ``device`` as it is sharded, so no rank ever
+    holds more than one group's full parameters there. ``dtype`` bf16 gives bf16 parameters for compute (all-gathers
+    move half the bytes) with fp32 gradient reductions and fp32 sharded parameters for the optimizer; otherwise all
+    stays fp32. ``cpu_offload`` keeps the shards (parameters, gradients, optimizer state) in host memory.
+    """
+    world = dist.get_world_size()
+    rows = model.config.padded_vocab_size
+    if rows % world:
+        raise ConfigError(
+            f"model.pad_vocab_multiple: the {rows}-row token embedding does not split evenly across {world} workers "
+            f"under train.parallel=fsdp; use a worker count that divides {rows}, or a model.pad_vocab_multiple that "
+            f"{world} divides"
+        )
+    if dtype not in (None, torch.float32, torch.bfloat16):
+        raise ConfigError(
+            f"train.precision: {dtype} is not supported with train.parallel=fsdp (fp16 needs a gradient scaler "
+            "FSDP does not take here); set train.precision=bf16 or fp32"
+        )
+    mesh = init_device_mesh(device.type, (world,))
+    # Block inputs stay as they are (cast_forward_inputs=False): the RoPE tables must keep fp32.
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)  # moves the buffers to the device too
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model a compile wrapper holds) is sharded with FSDP2."""
+    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+
+
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """Reduce-scatter gradients in the next backward (``sync``) or keep accumulating them unsharded."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: a DTensor's full value (a collective for sharded ones), anything else as it is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
