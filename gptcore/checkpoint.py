@@ -726,6 +726,19 @@ def restore_rng(rng: dict[str, torch.Tensor], *, rank: int = 0, seed: int | None
                 torch.cuda.set_rng_state(value, index)
 
 
+def init_source_kind(source: str) -> str:
+    """What ``train.init_from`` names: ``scratch``, a gptcore ``checkpoint`` folder, a local ``folder`` (a Hugging
+    Face model saved on disk; it may not exist yet), or a Hugging Face ``hub`` model id (``gpt2``, ``org/name``)."""
+    if source == "scratch":
+        return "scratch"
+    path = Path(source).expanduser()
+    if (path / META_FILE).is_file():
+        return "checkpoint"
+    if path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        return "folder"
+    return "hub"
+
+
 def check_resumable(ckpt: Checkpoint, config: JobConfig, data_key: str = "") -> None:
     """Resuming needs the same model and the same dataset; name what differs."""
     if data_key and ckpt.state.data_key and ckpt.state.data_key != data_key:

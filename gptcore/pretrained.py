@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptcore.checkpoint import CheckpointError, _replace_dir, load_model
+from gptcore.checkpoint import CheckpointError, _replace_dir, init_source_kind, load_model
 from gptcore.config import PRESETS, GPTConfig
 from gptcore.model import GPT
 
@@ -235,13 +235,13 @@ def config_from_pretrained(source: str) -> dict[str, Any]:
 def _resolve(source: str, *, weights: bool) -> Path:
     """A local folder for ``source``: the folder itself, or a Hugging Face Hub download."""
     path = Path(source).expanduser()
+    if init_source_kind(source) == "hub":
+        return _download(source, weights=weights)
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{source} is a file; pass the folder that holds the checkpoint files")
-    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
-        raise CheckpointError(f"{source} does not exist; pass an existing folder or a Hugging Face model id")
-    return _download(source, weights=weights)
+    raise CheckpointError(f"{source} does not exist; pass an existing folder or a Hugging Face model id")
 
 
 def _download(model_id: str, *, weights: bool) -> Path:

@@ -33,6 +33,7 @@ from gptcore.checkpoint import (
     TrainState,
     check_resumable,
     gather_rng_states,
+    init_source_kind,
     load_checkpoint,
     load_model_weights,
     load_sharded_into,
@@ -344,14 +345,14 @@ def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str,
     model = GPT(config.model)
     report: dict[str, Any] = {"init_from": config.train.init_from}
     source = config.train.init_from
-    if source != "scratch":
-        if Path(source).expanduser().is_dir() and (Path(source).expanduser() / "meta.json").is_file():
-            ckpt = load_checkpoint(Path(source).expanduser(), with_optimizer=False)
-            load_model_weights(model, ckpt.model_state, source=source)
-        else:
-            from gptcore.pretrained import load_pretrained_into
+    kind = init_source_kind(source)
+    if kind == "checkpoint":
+        ckpt = load_checkpoint(Path(source).expanduser(), with_optimizer=False)
+        load_model_weights(model, ckpt.model_state, source=source)
+    elif kind != "scratch":
+        from gptcore.pretrained import load_pretrained_into
 
-            report.update(load_pretrained_into(model, source))
+        report.update(load_pretrained_into(model, source))
     return model.to(device), report
 
 

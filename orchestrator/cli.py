@@ -20,10 +20,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from gptcore.data import DataError
     from orchestrator.experiment import ExperimentError
     from orchestrator.results import ReportError
+    from orchestrator.storage import StorageError
     from orchestrator.sweep import SweepError
     from orchestrator.tracking import TrackingError
 
-    return (CheckpointError, ConfigError, DataError, ExperimentError, ReportError, SweepError, TrackingError)
+    return (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        ExperimentError,
+        ReportError,
+        StorageError,
+        SweepError,
+        TrackingError,
+    )
 
 
 # --------------------------------------------------------------------------- run

@@ -44,7 +44,7 @@ from gptcore.shards import (
     shard_path,
     verify_shards,
 )
-from orchestrator.storage import filesystem, is_uri, join, local_path, read_json, write_json
+from orchestrator.storage import check_writable, filesystem, is_uri, join, local_path, read_json, write_json
 
 DATASETS = "datasets"
 LOCAL_BYTES = 64 << 20  # a corpus this small is tokenized in the driver, before Ray starts (no task to schedule)
@@ -138,8 +138,10 @@ def prepare(plan: CorpusPlan, storage: str, *, out: TextIO | None = None) -> str
     import ray
 
     location = dataset_location(storage, plan.key)
-    if read_dataset_manifest(location) is not None:
-        return location
+    with contextlib.suppress(OSError):  # unreadable storage: check_writable says why
+        if read_dataset_manifest(location) is not None:
+            return location
+    check_writable(location)
     staged = stage_locally(plan)
     if staged is not None:
         publish(staged, location)

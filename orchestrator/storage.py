@@ -13,6 +13,27 @@ from typing import Any
 import pyarrow.fs as pafs
 
 
+class StorageError(RuntimeError):
+    """Storage that cannot be written or read; the message names it and says what to check."""
+
+
+def check_writable(location: str) -> None:
+    """Create ``location`` (a folder or prefix) and write and remove a probe there, or raise `StorageError`."""
+    fs, path = filesystem(location)
+    probe = f"{path.rstrip('/')}/.write-probe-{os.getpid()}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise StorageError(
+            f"storage {location} cannot be written ({reason}); check that the folder's parents are folders and "
+            "writable, or that the bucket exists and the credentials may write to it, or pass another --storage"
+        ) from None
+
+
 def is_uri(location: str) -> bool:
     """True for an object-store URI (``s3://``, ``gs://``...); False for a local path or a ``file://`` URI."""
     return "://" in location and not location.startswith("file://")

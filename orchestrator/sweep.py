@@ -243,15 +243,14 @@ def prepare_data(trials: list[Trial], storage: str) -> dict[str, tuple[str, Mani
 
 def check_init(trials: list[Trial]) -> None:
     """Check that each local ``train.init_from`` checkpoint fits its trial's model (headers only, no weights)."""
-    from gptcore.checkpoint import META_FILE, CheckpointError, check_fits
+    from gptcore.checkpoint import META_FILE, CheckpointError, check_fits, init_source_kind
     from gptcore.pretrained import check_compatible, config_from_pretrained
 
     seen = set()
     for trial in trials:
         source, model = trial.job.train.init_from, trial.job.model
         path = Path(source).expanduser()
-        local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
-        if source == "scratch" or not local or (source, model) in seen:
+        if init_source_kind(source) in ("scratch", "hub") or (source, model) in seen:
             continue  # a Hugging Face model id is downloaded by the trial
         seen.add((source, model))
         try:

@@ -238,3 +238,24 @@ def test_each_rank_restores_its_own_rng_state():
         torch.manual_seed(99)
         restore_rng({"rng.cpu": state_after(7)}, rank=rank, seed=123 + rank)
         assert torch.equal(torch.get_rng_state(), state_after(7))
+
+
+def test_a_checkpoint_resumes_only_on_the_dataset_it_was_taken_on(tmp_path):
+    from gptcore.checkpoint import CheckpointError, TrainState, check_resumable, load_checkpoint, save_checkpoint
+    from gptcore.model import GPT
+
+    job = tiny_job()
+    path = save_checkpoint(tmp_path / "ckpt", model=GPT(job.model), config=job, state=TrainState(data_key="abc"))
+    check_resumable(load_checkpoint(path), job, "abc")
+    with pytest.raises(CheckpointError, match="taken on dataset abc, this run reads dataset xyz"):
+        check_resumable(load_checkpoint(path), job, "xyz")
+
+
+def test_init_from_names_a_checkpoint_a_folder_or_a_hub_model(tmp_path):
+    from gptcore.checkpoint import TrainState, init_source_kind, save_checkpoint
+    from gptcore.model import GPT
+
+    job = tiny_job()
+    save_checkpoint(tmp_path / "ckpt", model=GPT(job.model), config=job, state=TrainState())
+    kinds = ["scratch", str(tmp_path / "ckpt"), str(tmp_path), "./missing", "gpt2", "openai-community/gpt2"]
+    assert [init_source_kind(k) for k in kinds] == ["scratch", "checkpoint", "folder", "folder", "hub", "hub"]

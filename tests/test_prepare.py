@@ -127,6 +127,16 @@ def test_shards_on_s3_are_fetched_once_per_node_and_checked(ray_local, small_gro
     assert not folder.exists()  # never trained on
 
 
+def test_storage_that_cannot_be_written_is_named(ray_local, s3, corpus, tmp_path):
+    from orchestrator.storage import StorageError
+
+    plan = plan_corpus(DataConfig(corpus=str(corpus)))
+    (tmp_path / "a-file").write_text("")
+    for storage in (str(tmp_path / "a-file" / "storage"), "s3://no-such-bucket/storage"):
+        with pytest.raises(StorageError, match=f"storage {storage}/datasets/{plan.key} cannot be written"):
+            prepare(plan, storage)
+
+
 def test_prepare_verb(tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text(" ".join(DOCS))
