@@ -117,11 +117,21 @@ def best_trial(client, experiment: str, sweep_id: str | None = None):
 def register_best(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> dict[str, Any]:
     """Log the sweep's best checkpoint as an MLflow Model in its trial's run, register it as ``experiment`` and move
     the ``best`` alias to it if its validation loss is the lowest; returns what was done."""
+    from mlflow.exceptions import MlflowException
+
     from gptcore.checkpoint import MODEL_FILE, CheckpointError, read_meta
     from orchestrator.storage import local_copy
     from orchestrator.tracking import client_for
 
-    client = client_for(tracking_uri)
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        raise RegistryError(
+            f"the tracking store {tracking_uri} has no Model Registry (a file store tracks runs only); use a "
+            "database (sqlite:///mlruns.db, the default) or a tracking server (http://...)"
+        )
+    try:
+        client = client_for(tracking_uri)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot use the MLflow tracking store {tracking_uri}: {exc}") from None
     sweep, trial = best_trial(client, experiment, sweep_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -191,11 +201,6 @@ def _check_registry(client, tracking_uri: str, name: str) -> None:
     """The registered model exists (created here); a store without a registry fails before anything is logged."""
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        raise RegistryError(
-            f"the tracking store {tracking_uri} has no Model Registry (file stores are tracking only); use a "
-            "database (sqlite:///mlruns.db, the default) or a tracking server (http://...)"
-        )
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
