@@ -88,6 +88,11 @@ def _register_after_sweep(uri: str, experiment: str, sweep_id: str) -> None:
         print(_registered(register_best(uri, experiment, sweep_id)))
     except RegistryError as exc:
         print(f"\nnot registered: {' '.join(str(exc).split())}")
+    except Exception as exc:  # the sweep itself is done: its exit status stays the sweep's
+        print(
+            f"\nnot registered ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); retry with: "
+            f"python -m orchestrator register {experiment} --sweep {sweep_id}"
+        )
 
 
 def _registered(done: dict) -> str:
