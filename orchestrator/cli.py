@@ -83,9 +83,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = write_report(outcome.tracking_uri, outcome.experiment, outcome.sweep_id)
     print(f"\nResults of sweep {outcome.sweep_id} ({report['ranking']}):\n{report['table']}")
     print(f"\nMLflow: python -m orchestrator ui{_uri_flag(args.tracking_uri)}  (parent run {outcome.parent_run_id})")
+    if not experiment.is_decode:
+        _register_after_sweep(outcome.tracking_uri, outcome.experiment, outcome.sweep_id)
     if outcome.interrupted:
         print(f"\nThe sweep was interrupted; finish it with: python -m orchestrator run {args.experiment} --resume")
     return exit_code(outcome)
+
+
+def _register_after_sweep(uri: str, experiment: str, sweep_id: str) -> None:
+    """The sweep's best model into the Model Registry; a sweep without one (or a store without a registry) says so."""
+    from orchestrator.registry import RegistryError, register_best
+
+    try:
+        print(_registered(register_best(uri, experiment, sweep_id)))
+    except RegistryError as exc:
+        print(f"\nnot registered: {' '.join(str(exc).split())}")
+    except Exception as exc:  # the sweep itself is done: its exit status stays the sweep's
+        print(
+            f"\nnot registered ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); retry with: "
+            f"python -m orchestrator register {experiment} --sweep {sweep_id}"
+        )
+
+
+def _registered(done: dict) -> str:
+    best = done["best_version"]
+    alias = "now points at it" if best == done["version"] else f"stays on version {best}"
+    return (
+        f"\nregistered {done['name']} version {done['version']} (trial {done['trial']} of sweep {done['sweep']}, "
+        f"val_loss {done['val_loss']:.4f}); alias best {alias}: {done['model_uri']}"
+    )
 
 
 def _uri_flag(uri: str | None) -> str:
@@ -260,12 +286,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- register
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from orchestrator.registry import register_best
+    from orchestrator.tracking import absolute_uri, default_tracking_uri
+
+    name = args.experiment
+    if name.endswith(".py"):
+        from orchestrator.experiment import load_experiment
+
+        name = load_experiment(name).name
+    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    print(_registered(register_best(uri, name, args.sweep)).strip())
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,prepare,ui,sample,report,export}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,prepare,ui,sample,report,export,register}")
 
     run = verbs.add_parser("run", help="run (or resume) the sweep an experiment file describes")
     run.add_argument("experiment", help="experiment file, e.g. experiments/stride_sweep.py")
@@ -332,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
     report.add_argument("--out", help="also write the table and plots to this folder")
     report.set_defaults(func=cmd_report)
+
+    register = verbs.add_parser("register", help="the best trial's model into the MLflow Model Registry (alias best)")
+    register.add_argument("experiment", help="experiment name or file")
+    register.add_argument("--sweep", help="sweep id (default: the latest)")
+    register.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
+    register.set_defaults(func=cmd_register)
     return parser
 
 

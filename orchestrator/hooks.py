@@ -23,6 +23,7 @@ from ray.train import CheckpointUploadMode
 
 from gptcore.hardware import model_flops_utilisation, peak_flops
 from gptcore.train import CheckpointSaver, Hooks, TrainContext, TrainResult, TrainState
+from orchestrator.system_metrics import TrialSystemMetrics, start_system_metrics
 from orchestrator.tracking import STATUS_TAG, RunLogger
 
 UploadFn = Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]
@@ -149,12 +150,14 @@ class MlflowLogging(Hooks):
         self.logger: RunLogger | None = None
         self.flops_per_token: float | None = None
         self.peak: float | None = None
+        self.system_metrics: TrialSystemMetrics | None = None  # CPU, memory (GPU) of this worker's node
 
     def on_train_start(self, ctx: TrainContext, state: TrainState) -> None:
         # Steps the run already has are not logged again: after a resume from a checkpoint, and after a trial
         # restarted from scratch (its driver killed before a checkpoint), whose seeded steps repeat the same values.
         skip = RunLogger.last_logged_step(self.uri, self.run_id)
         self.logger = RunLogger(self.uri, self.run_id, skip_steps_upto=skip)
+        self.system_metrics = start_system_metrics(self.run_id, self.uri)
         model = ctx.model
         self.flops_per_token = model.flops_per_token(ctx.config.model.context_length)
         self.peak = peak_flops(ctx.device)
@@ -212,4 +215,6 @@ class MlflowLogging(Hooks):
             log_trial_curve(self.uri, self.run_id)
         except Exception as exc:  # a missing plot must not fail a finished trial
             print(f"[mlflow] could not plot the loss curve: {exc}", flush=True)
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
         self.logger.close()

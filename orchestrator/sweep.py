@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from gptcore.config import JobConfig
+from gptcore.config import JobConfig, nest
 from gptcore.data import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
 from gptcore.shards import Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows, resolve_checkpoints
@@ -36,14 +36,17 @@ from orchestrator.tracking import (
     BEST_CHECKPOINT_TAG,
     HTTP_ENV,
     KIND_TAG,
+    NOTE_TAG,
     STATUS_TAG,
     SweepTracker,
     check_reachable,
     cluster_tracking_uri,
     default_artifact_root,
     default_tracking_uri,
+    file_docstring,
     git_commit,
     mlflow_status,
+    source_tags,
 )
 from orchestrator.trial import run_trial
 
@@ -469,8 +472,11 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
             "storage": storage,
             KIND_TAG: experiment.kind,
             **({"git_commit": commit} if commit else {}),
+            **source_tags(options.experiment_file, commit),
+            NOTE_TAG: sweep_description(experiment, plan, options),
         },
     )
+    tracker.describe_experiment(file_docstring(options.experiment_file) or experiment.description)
     tracking_uri = tracker.uri
     if options.address:  # trials may run on other nodes, where the driver's loopback is not this machine
         import ray.util
@@ -498,6 +504,21 @@ def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool)
     )
 
 
+def sweep_description(experiment: Experiment, plan: Plan, options: SweepOptions) -> str:
+    """The parent run's description: the grid, the base model and data, the metric, the overrides."""
+    axes = "; ".join(f"{k} in {', '.join(json.dumps(x, default=str) for x in v)}" for k, v in experiment.grid.items())
+    lines = [f"{len(plan.trials)} trial(s) of {experiment.name} over {axes}."]
+    if not experiment.is_decode:
+        lines.append(f"Model {experiment.model}, corpus {experiment.corpus or experiment.data.get('corpus', '')}.")
+    lines.append(f"Ranked by {experiment.metric} ({experiment.mode}).")
+    if options.overrides:
+        sets = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in options.overrides.items())
+        lines.append(f"Overrides: {sets}.")
+    if experiment.description:
+        lines.append(experiment.description)
+    return " ".join(lines)
+
+
 def _create_trial_runs(
     tracker: SweepTracker, settings: SweepSettings, trials: list[Trial], datasets: dict[str, tuple[str, Manifest]]
 ) -> dict[str, dict]:
@@ -510,10 +531,12 @@ def _create_trial_runs(
             **trial.tags,
             "experiment_file": settings.experiment_file,
             **({"git_commit": settings.git_commit} if settings.git_commit else {}),
+            **source_tags(settings.experiment_file, settings.git_commit),
         }
         params = {**flat, **{f"grid.{k}": v for k, v in trial.params.items()}}
         run_id = tracker.child_run(settings.parent_run_id, settings.sweep_id, trial.name, params=params, tags=tags)
         specs[trial.name] = {"params": trial.params, "config": trial.config, "run_id": run_id}
+        tracker.client.log_dict(run_id, nest(flat), "config.json")  # the resolved config, as a file
         if trial.name in datasets:
             location, manifest = datasets[trial.name]
             specs[trial.name]["dataset"] = location

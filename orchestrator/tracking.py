@@ -114,6 +114,43 @@ def git_commit(path: str | Path = ".") -> str | None:
         return None
 
 
+def git_repo_url(path: str | Path = ".") -> str | None:
+    """The URL of the ``origin`` remote of the repository at ``path`` (None without one)."""
+    try:
+        out = subprocess.run(
+            ["git", "remote", "get-url", "origin"], cwd=path, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows for an experiment or a run
+
+
+def source_tags(experiment_file: str, commit: str | None) -> dict[str, str]:
+    """MLflow's source tags of a run: the experiment file, run locally, at its repository's commit and remote."""
+    if not experiment_file:
+        return {}
+    tags = {"mlflow.source.name": experiment_file, "mlflow.source.type": "LOCAL"}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        url = git_repo_url(Path(experiment_file).parent)
+        if url:
+            tags["mlflow.source.git.repoURL"] = url
+    return tags
+
+
+def file_docstring(path: str) -> str:
+    """The module docstring of a Python file ("" if it has none or cannot be read)."""
+    import ast
+
+    try:
+        return ast.get_docstring(ast.parse(Path(path).read_text())) or ""
+    except (OSError, SyntaxError, ValueError):
+        return ""
+
+
 def client_for(uri: str) -> MlflowClient:
     for key, value in HTTP_ENV.items():
         os.environ.setdefault(key, value)
@@ -205,6 +242,11 @@ class SweepTracker:
             profile=json.dumps(profile),
         )
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def describe_experiment(self, text: str) -> None:
+        """The experiment's description in the MLflow UI (its ``mlflow.note.content`` tag)."""
+        if text:
+            self.client.set_experiment_tag(self.experiment_id, NOTE_TAG, text)
 
     def child_runs(self, parent_id: str) -> list:
         return self.client.search_runs(
