@@ -7,7 +7,7 @@ sentences of 4-25 words with commas and end marks, paragraphs of 3-8 sentences; 
 and hard-linked into one folder per size (``round(GB / 64 MB)`` files).
 
 Each side runs in a fresh process; its memory is the summed RSS of the process and all its descendants, sampled
-every 0.2 s in a thread (the driver plus every Ray process it starts):
+every 0.2 s in a thread (the driver plus every Ray process it starts), and the summed PSS (shared pages once):
 
   stream   the baseline: one process reads each record, tiktoken ``encode_ordinary`` (gptcore's GPT-2 encoding),
            and appends EOT + tokens as uint16 to one file (nanoGPT's prepare, streaming, no token list kept)
@@ -159,40 +159,52 @@ def _psutil() -> Any:
     return psutil
 
 
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # titled like workers, but Ray's own processes
+
+
 def is_ray_worker(cmdline: list[str]) -> bool:
-    return bool(cmdline) and (cmdline[0].startswith("ray::") or any("default_worker.py" in c for c in cmdline))
+    """A task or actor worker: titled ``ray::IDLE``, ``ray::<task>``..., or still starting (default_worker.py)."""
+    if not cmdline or cmdline[0].startswith(RAY_AGENTS):
+        return False
+    return cmdline[0].startswith("ray::") or any("default_worker.py" in c for c in cmdline)
 
 
 class TreeMemory:
     """Summed RSS of this process and all its descendants, sampled every `SAMPLE_S` in a thread: the peak sum,
-    and each process's own peak (to find the largest Ray worker)."""
+    each process's own peak (to find the largest Ray worker), and the peak summed PSS (pages shared between
+    processes, such as those of forked dashboard modules, counted once)."""
 
     def __init__(self) -> None:
         self.psutil = _psutil()
         self.root = self.psutil.Process()
-        self.peak = 0
+        self.peak = self.peak_pss = 0
         self.peaks: dict[int, tuple[int, str]] = {}  # pid -> (peak RSS, "driver" / "worker" / "ray")
         self.last: dict[str, int] = {}  # kind -> summed RSS in the latest sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> int:
-        total, last = 0, {"driver": 0, "ray": 0, "worker": 0}
+        total, pss, last = 0, 0, {"driver": 0, "ray": 0, "worker": 0}
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
-                rss = proc.memory_info().rss
+                info = proc.memory_full_info()
+                rss = info.rss
                 kind = "driver" if proc.pid == self.root.pid else "worker" if is_ray_worker(proc.cmdline()) else "ray"
             except self.psutil.Error:
                 continue
             total += rss
+            pss += info.pss
             last[kind] += rss
             if rss > self.peaks.get(proc.pid, (0, ""))[0]:
                 self.peaks[proc.pid] = (rss, kind)
-        self.peak, self.last = max(self.peak, total), last
+        self.peak, self.peak_pss, self.last = max(self.peak, total), max(self.peak_pss, pss), last
         return total
 
     def largest(self, kind: str) -> int:
         return max((rss for rss, k in self.peaks.values() if k == kind), default=0)
+
+    def count(self, kind: str) -> int:
+        return sum(k == kind for _, k in self.peaks.values())
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -232,7 +244,7 @@ def side_stream(folder: Path, out: Path) -> dict[str, Any]:
                         documents += 1
         seconds = time.perf_counter() - start
     out.unlink()
-    return {"tokens": tokens, "documents": documents, "seconds": seconds, "peak": memory.peak}
+    return {"tokens": tokens, "documents": documents, "seconds": seconds, "peak": memory.peak, "pss": memory.peak_pss}
 
 
 def side_prepare(folder: Path, storage: Path, address: str | None) -> dict[str, Any]:
@@ -266,11 +278,13 @@ def side_prepare(folder: Path, storage: Path, address: str | None) -> dict[str, 
         "start_s": started,
         "seconds": seconds,
         "peak": memory.peak,
+        "pss": memory.peak_pss,
         "before": before,
         "fixed": fixed,
         "fixed_parts": parts,
         "driver": memory.largest("driver"),
         "worker": memory.largest("worker"),
+        "workers": memory.count("worker"),
         "folder": location,
     }
 
@@ -369,17 +383,18 @@ def report_prepare(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         s, p = run["stream"], run["prepare"]
         name = f"{run['bytes'] / 1e9:.2f} GB"
-        rows.append([name, "stream (1 process)", *rate_cells(s), gib(s["peak"]), "", "", ""])
-        memory = [gib(p["peak"]), gib(p["fixed"]), gib(p["peak"] - p["fixed"]), gib(p["worker"])]
+        rows.append([name, "stream (1 process)", *rate_cells(s), gib(s["peak"]), gib(s["pss"]), "", "", ""])
+        memory = [gib(p["peak"]), gib(p["pss"]), gib(p["fixed"]), gib(p["peak"] - p["fixed"]), gib(p["worker"])]
         rows.append([name, f"prepare ({p['groups']} tasks)", *rate_cells(p), *memory])
-    headers = ["corpus", "side", "tokens", "s", "ray.init s", "tokens/s", "peak GiB", "Ray fixed GiB"]
+    headers = ["corpus", "side", "tokens", "s", "ray.init s", "tokens/s", "peak GiB", "peak PSS GiB", "Ray fixed GiB"]
     print(table([*headers, "peak - fixed GiB", "largest worker GiB"], rows))
     for run in runs:
         p = run["prepare"]
         parts = {k: gib(v) for k, v in p["fixed_parts"].items()}
         print(
             f"Ray's fixed cost, {run['bytes'] / 1e9:.2f} GB: driver {parts['driver']} GiB ({gib(p['before'])} before "
-            f"ray.init), Ray's own processes {parts['ray']} GiB, idle workers {parts['worker']} GiB"
+            f"ray.init), Ray's own processes {parts['ray']} GiB, idle workers {parts['worker']} GiB; "
+            f"{p['workers']} worker processes in all"
         )
     small, large = runs[0], runs[-1]
     growth = [r["prepare"]["peak"] - r["prepare"]["fixed"] for r in (small, large)]
