@@ -21,6 +21,9 @@ every 0.2 s in a thread (the driver plus every Ray process it starts), and the s
            batch 8, 20 steps, eval_iters 2, 1 thread), 3 times per corpus: the process's RSS once the data, model
            and optimizer are built, and its peak RSS (VmHWM)
 
+Around each side the parent also measures the CPU other people's processes took meanwhile (the machine's busy
+time less this script's process tree, in cores): on a shared machine, a rate taken while others ran is low.
+
     flock /tmp/ray.lock python benchmarks/bench_data.py [--quick] [--sizes 0.2 1 2] [--work /tmp/bench18] [--keep]
 
 ``--quick`` takes 0.2 and 0.3 GB (2 and 3 Ray tasks). Corpora stay under ``--work`` for the next run with
@@ -221,6 +224,61 @@ class TreeMemory:
         self.sample()
 
 
+def busy_cpu_seconds(psutil: Any) -> float:
+    """CPU seconds this machine has been busy (steal excluded: another VM's)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0)
+
+
+class Watch:
+    """While a side runs, from the parent: the CPU other people's processes took (machine busy time less this
+    script's process tree, in cores: the machine is shared), and on a cluster the nodes that ran prepare tasks."""
+
+    def __init__(self, cluster: Any = None) -> None:
+        self.psutil = _psutil()
+        self.root, self.cluster = self.psutil.Process(), cluster
+        self.first: dict[int, float] = {}  # pid -> CPU seconds when first seen (0 for processes started later)
+        self.last: dict[int, float] = {}
+        self.nodes: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self, initial: bool = False) -> None:
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            with contextlib.suppress(self.psutil.Error):
+                t = proc.cpu_times()
+                self.first.setdefault(proc.pid, t.user + t.system if initial else 0.0)
+                self.last[proc.pid] = t.user + t.system
+        for proc in self.cluster.processes("ray::_group_task") if self.cluster else []:
+            if node := self.cluster.node_of(proc.pid):
+                self.nodes.add(node)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.sample()
+
+    def __enter__(self) -> Watch:
+        self.sample(initial=True)
+        self.busy, self.start = busy_cpu_seconds(self.psutil), time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        own = sum(self.last.values()) - sum(self.first.values())
+        wall = time.perf_counter() - self.start
+        self.others = max(0.0, busy_cpu_seconds(self.psutil) - self.busy - own) / wall
+
+
+def watched(args: list[str], env: dict | None = None, cluster: Any = None) -> dict[str, Any]:
+    """`run_side` with others' CPU use (cores) and the nodes that ran tasks added to its result."""
+    with Watch(cluster) as watch:
+        result = run_side(__file__, args, timeout=3600, env=env)
+    return {**result, "others": watch.others, "nodes": sorted(watch.nodes)}
+
+
 # --------------------------------------------------------------------------- sides
 
 
@@ -329,22 +387,24 @@ def cluster(work: Path, nodes: int) -> contextlib.AbstractContextManager:
     return ray_cluster(logs, workers=nodes - 1, head_cpus=1)
 
 
-def prepare_side(folder: Path, storage: Path, address: str | None = None, env: dict | None = None) -> dict:
+def prepare_side(folder: Path, storage: Path, cluster: Any = None) -> dict[str, Any]:
     shutil.rmtree(storage, ignore_errors=True)
     args = ["--side", "prepare", "--corpus", str(folder), "--storage", str(storage)]
-    return run_side(__file__, [*args, *(["--address", address] if address else [])], timeout=3600, env=env)
+    if cluster is None:
+        return watched(args)
+    return watched([*args, "--address", cluster.address], cluster.env, cluster)
 
 
 def measure_size(work: Path, gb: float) -> dict[str, Any]:
     folder = corpus(work, gb)
     print(f"{folder.name}: {text_bytes(folder) / 1e6:,.0f} MB of text", flush=True)
     args = ["--side", "stream", "--corpus", str(folder), "--out", str(work / "stream.bin")]
-    stream = run_side(__file__, args, timeout=3600)
+    stream = watched(args)
     prep = prepare_side(folder, work / f"storage-{folder.name}")
     if (prep["tokens"], prep["documents"]) != (stream["tokens"], stream["documents"]):
         raise SystemExit(f"{folder.name}: prepare made {prep['tokens']:,} tokens, the baseline {stream['tokens']:,}")
     args = ["--side", "train", "--corpus", str(folder), "--storage", prep["folder"]]
-    trained = [run_side(__file__, args) for _ in range(TRAIN_REPEATS)]
+    trained = [watched(args) for _ in range(TRAIN_REPEATS)]
     sides = {"stream": stream, "prepare": prep, "train": trained}
     return {"gb": gb, "bytes": text_bytes(folder), "folder": folder, **sides}
 
@@ -353,7 +413,7 @@ def measure_cluster(work: Path, folder: Path) -> dict[int, dict[str, Any]]:
     results = {}
     for nodes in (1, 2):
         with cluster(work, nodes) as c:
-            results[nodes] = prepare_side(folder, work / f"storage-cluster-{nodes}", c.address, c.env)
+            results[nodes] = prepare_side(folder, work / f"storage-cluster-{nodes}", c)
         shutil.rmtree(work / f"storage-cluster-{nodes}", ignore_errors=True)
     return results
 
@@ -362,10 +422,13 @@ def rate(r: dict[str, Any], with_start: bool = False) -> float:
     return r["tokens"] / (r["seconds"] + (r.get("start_s", 0.0) if with_start else 0.0))
 
 
+RATE_HEADERS = ["tokens", "s", "ray.init s", "tokens/s", "others' CPU (cores)"]
+
+
 def rate_cells(r: dict[str, Any]) -> list[str]:
-    """Tokens, seconds, ray.init seconds (if any) and tokens/s of one side."""
+    """Tokens, seconds, ray.init seconds (if any), tokens/s of one side, and the CPU others took meanwhile."""
     start = f"{r['start_s']:.1f}" if "start_s" in r else ""
-    return [f"{r['tokens'] / 1e6:.1f} M", f"{r['seconds']:.1f}", start, f"{rate(r) / 1e6:.2f} M"]
+    return [f"{r['tokens'] / 1e6:.1f} M", f"{r['seconds']:.1f}", start, f"{rate(r) / 1e6:.2f} M", f"{r['others']:.2f}"]
 
 
 def gib(n: float) -> str:
@@ -379,15 +442,20 @@ def goal(bench: str, figure: str, target: str, met: bool) -> None:
 
 
 def report_prepare(runs: list[dict[str, Any]]) -> None:
-    rows = []
+    speed, memory = [], []
     for run in runs:
         s, p = run["stream"], run["prepare"]
         name = f"{run['bytes'] / 1e9:.2f} GB"
-        rows.append([name, "stream (1 process)", *rate_cells(s), gib(s["peak"]), gib(s["pss"]), "", "", ""])
-        memory = [gib(p["peak"]), gib(p["pss"]), gib(p["fixed"]), gib(p["peak"] - p["fixed"]), gib(p["worker"])]
-        rows.append([name, f"prepare ({p['groups']} tasks)", *rate_cells(p), *memory])
-    headers = ["corpus", "side", "tokens", "s", "ray.init s", "tokens/s", "peak GiB", "peak PSS GiB", "Ray fixed GiB"]
-    print(table([*headers, "peak - fixed GiB", "largest worker GiB"], rows))
+        speed += [
+            [name, "stream (1 process)", *rate_cells(s)],
+            [name, f"prepare ({p['groups']} tasks)", *rate_cells(p)],
+        ]
+        memory.append([name, "stream (1 process)", gib(s["peak"]), gib(s["pss"]), "", "", ""])
+        tree = [gib(p["peak"]), gib(p["pss"]), gib(p["fixed"]), gib(p["peak"] - p["fixed"]), gib(p["worker"])]
+        memory.append([name, "prepare", *tree])
+    print(table(["corpus", "side", *RATE_HEADERS], speed) + "\n")
+    headers = ["corpus", "side", "peak RSS GiB", "peak PSS GiB", "Ray fixed GiB", "peak - fixed GiB"]
+    print(table([*headers, "largest worker GiB"], memory))
     for run in runs:
         p = run["prepare"]
         parts = {k: gib(v) for k, v in p["fixed_parts"].items()}
@@ -423,8 +491,8 @@ def report_prepare(runs: list[dict[str, Any]]) -> None:
 
 
 def report_cluster(results: dict[int, dict[str, Any]], name: str) -> None:
-    rows = [[n, n, *rate_cells(r)] for n, r in results.items()]
-    print(table(["nodes", "CPUs", "tokens", "s", "ray.init s", "tokens/s"], rows))
+    rows = [[n, n, *rate_cells(r), ", ".join(r["nodes"])] for n, r in results.items()]
+    print(table(["nodes", "CPUs", *RATE_HEADERS, "tasks ran on"], rows))
     speedup = rate(results[2]) / rate(results[1])
     goal(f"data prepare 2 nodes ({name})", f"{speedup:.2f}x the tokens/s of 1 node", ">= 1.5x", speedup >= 1.5)
 
@@ -435,10 +503,11 @@ def report_train(runs: list[dict[str, Any]]) -> None:
         t = run["train"]
         peaks = sorted(r["peak"] for r in t)
         memory = [gib(t[0]["imports_rss"]), gib(max(r["start_rss"] for r in t)), ", ".join(map(gib, peaks))]
-        seconds = median([r["seconds"] for r in t])
-        rows.append([f"{run['bytes'] / 1e9:.2f} GB", f"{t[0]['windows']:,}", t[0]["steps"], f"{seconds:.1f}", *memory])
-    headers = ["corpus", "train windows", "steps", "s (median)", "RSS after imports GiB", "RSS at train start GiB"]
-    print(table([*headers, f"peak RSS (VmHWM) GiB, {TRAIN_REPEATS} runs"], rows))
+        seconds = f"{median([r['seconds'] for r in t]):.1f}"
+        others = f"{max(r['others'] for r in t):.2f}"
+        rows.append([f"{run['bytes'] / 1e9:.2f} GB", f"{t[0]['windows']:,}", t[0]["steps"], seconds, others, *memory])
+    headers = ["corpus", "train windows", "steps", "s (median)", "others' CPU (max)", "RSS after imports GiB"]
+    print(table([*headers, "RSS at train start GiB", f"peak RSS (VmHWM) GiB, {TRAIN_REPEATS} runs"], rows))
     start = [max(r["start_rss"] for r in run["train"]) for run in (runs[0], runs[-1])]
     goal(
         "data train start memory flat",
