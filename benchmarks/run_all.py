@@ -1,6 +1,6 @@
 """Run every benchmark script, each in its own process, and print a summary of the figures against the goals.
 
-    python benchmarks/run_all.py [--quick] [--only train generate data orchestration gpu_mfu]
+    python benchmarks/run_all.py [--quick] [--only train generate data orchestration gpu_mfu fsdp]
 
 Each script's own output is passed through as it comes. Exits non-zero only when a script fails; a goal
 not met is a figure to report, not an error.
@@ -17,7 +17,7 @@ from pathlib import Path
 from common import ROOT, SUMMARY, machine, parse_lines, table
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["train", "generate", "data", "orchestration", "gpu_mfu"]
+SCRIPTS = ["train", "generate", "data", "orchestration", "gpu_mfu", "fsdp"]
 
 
 def run_script(name: str, quick: bool) -> tuple[int, float, str]:
