@@ -49,7 +49,8 @@ import numpy as np
 from common import ROOT, emit, machine, median, rss_bytes, run_side, summary, table
 
 FILE_BYTES = 64_000_000  # text bytes per JSONL file
-SAMPLE_S = 0.2  # memory sampling period
+SAMPLE_S = 0.2  # memory sampling period (RSS)
+PSS_EVERY = 10  # PSS every 10th sample: reading smaps_rollup of ~20 Ray processes takes ~40 ms of CPU
 SETTLE_S = 3.0  # after ray.init, before Ray's fixed cost is read (raylet starts its first idle workers)
 TRAIN_REPEATS = 3  # a step's peak varies by a logits buffer (0.38 GiB) from run to run: heap fragmentation
 TRAIN = {
@@ -175,12 +176,13 @@ def is_ray_worker(cmdline: list[str]) -> bool:
 class TreeMemory:
     """Summed RSS of this process and all its descendants, sampled every `SAMPLE_S` in a thread: the peak sum,
     each process's own peak (to find the largest Ray worker), and the peak summed PSS (pages shared between
-    processes, such as those of forked dashboard modules, counted once)."""
+    processes, such as those of forked dashboard modules, counted once; sampled every `PSS_EVERY` samples)."""
 
     def __init__(self) -> None:
         self.psutil = _psutil()
         self.root = self.psutil.Process()
-        self.peak = self.peak_pss = 0
+        self.peak = self.peak_pss = self.samples = 0
+        self.kinds: dict[int, str] = {}
         self.peaks: dict[int, tuple[int, str]] = {}  # pid -> (peak RSS, "driver" / "worker" / "ray")
         self.last: dict[str, int] = {}  # kind -> summed RSS in the latest sample
         self._stop = threading.Event()
@@ -188,20 +190,28 @@ class TreeMemory:
 
     def sample(self) -> int:
         total, pss, last = 0, 0, {"driver": 0, "ray": 0, "worker": 0}
+        with_pss = self.samples % PSS_EVERY == 0
+        self.samples += 1
         for proc in [self.root, *self.root.children(recursive=True)]:
             try:
-                info = proc.memory_full_info()
-                rss = info.rss
-                kind = "driver" if proc.pid == self.root.pid else "worker" if is_ray_worker(proc.cmdline()) else "ray"
+                info = proc.memory_full_info() if with_pss else proc.memory_info()
+                rss, kind = info.rss, self.kind(proc)
             except self.psutil.Error:
                 continue
             total += rss
-            pss += info.pss
+            pss += info.pss if with_pss else 0
             last[kind] += rss
             if rss > self.peaks.get(proc.pid, (0, ""))[0]:
                 self.peaks[proc.pid] = (rss, kind)
         self.peak, self.peak_pss, self.last = max(self.peak, total), max(self.peak_pss, pss), last
         return total
+
+    def kind(self, proc: Any) -> str:
+        """``proc`` is the driver, a worker or ray (Ray's own processes); a worker stays one as its title changes."""
+        if self.kinds.get(proc.pid) not in ("driver", "worker"):
+            is_driver = proc.pid == self.root.pid
+            self.kinds[proc.pid] = "driver" if is_driver else "worker" if is_ray_worker(proc.cmdline()) else "ray"
+        return self.kinds[proc.pid]
 
     def largest(self, kind: str) -> int:
         return max((rss for rss, k in self.peaks.values() if k == kind), default=0)
