@@ -341,12 +341,17 @@ def test_mlflow_ui_shows_the_sweep_in_headless_chromium(studies):
         for name in kids:
             expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
         expect(page.get_by_text("the-verdict").first).to_be_visible(timeout=30_000)  # the Dataset column
+        expect(page.get_by_text("stride_sweep.py").first).to_be_visible(timeout=30_000)  # the Source column
         page.screenshot(path=str(ARTIFACTS / "mlflow_ui_sweep.png"), full_page=True)
         # A trial's page: its parent, params and metrics.
         page.goto(f"{url}/#/experiments/{experiment_id}/runs/{child.info.run_id}?workflowType=machine_learning")
         expect(page.get_by_text(parent.info.run_name).first).to_be_visible(timeout=60_000)
         expect(page.get_by_text("val_loss").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow_ui_run.png"), full_page=True)
+        # The best model, registered by the sweep: its page in the Model Registry, version 1 listed.
+        page.goto(f"{url}/#/models/stride_sweep")
+        expect(page.get_by_text("Version 1").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_ui_model.png"), full_page=True)
         browser.close()
         assert_sigterm_stops_the_server(ui, port)
     assert (ARTIFACTS / "mlflow_ui_run.png").stat().st_size > 10_000
