@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=8, help="first steps left out of the median (compilation)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
+    parser.add_argument("--parallel", default="fsdp", help="ddp: the reference (one process holds the whole model)")
     parser.add_argument("--cpu-offload", action="store_true", help="train.fsdp_cpu_offload")
     parser.add_argument("--device", default="cuda", help="cpu: a check of this script itself (gloo, no MFU)")
     parser.add_argument("--precision", default="bf16")
@@ -76,6 +77,7 @@ def main() -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats()
     job = JobConfig.from_dict(
@@ -83,7 +85,7 @@ def main() -> int:
             "model": {"preset": args.preset, "context_length": args.context, "pad_vocab_multiple": 64, "dropout": 0.0},
             "data": {"corpus": "random tokens"},
             "train": {
-                "parallel": "fsdp",
+                "parallel": args.parallel,
                 "activation_checkpointing": not args.no_ac,
                 "fsdp_cpu_offload": args.cpu_offload,
                 "precision": args.precision,
@@ -134,6 +136,7 @@ def main() -> int:
     mfu = model_flops_utilisation(steady, measure.flops, peak_flops(device))
     out = {
         "preset": args.preset,
+        "parallel": args.parallel,
         "params": measure.params,
         "batch": args.batch,
         "context": L,
@@ -150,7 +153,7 @@ def main() -> int:
     mfu_text = f"MFU {mfu:.1%} (model FLOPs)" if mfu is not None else "no MFU (no datasheet peak for this device)"
     memory = f", peak memory {out['max_memory_gib']:.1f} GiB" if out["max_memory_gib"] is not None else ""
     print(
-        f"{args.preset}: {steady:,.0f} tokens/s, {mfu_text}{memory}, loss {out['first_loss']:.2f} -> "
+        f"{args.preset} ({args.parallel}): {steady:,.0f} tokens/s, {mfu_text}{memory}, loss {out['first_loss']:.2f} -> "
         f"{out['last_loss']:.2f}",
         flush=True,
     )

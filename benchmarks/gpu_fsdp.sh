@@ -8,7 +8,7 @@
 # Each step runs under its own `timeout` and logs to $OUT/NAME.txt (default ./gpu-logs): one failure does not hide
 # the others. The default steps take under 6 minutes in all:
 #   bash benchmarks/gpu_fsdp.sh                  # versions large xl
-#   bash benchmarks/gpu_fsdp.sh xl_eager xl_noac # more: no compile / no activation checkpointing (see STEPS)
+#   bash benchmarks/gpu_fsdp.sh xl_ddp xl_noac  # more: the DDP reference, no activation checkpointing (see STEPS)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-gpu-logs}
@@ -41,6 +41,8 @@ declare -A STEPS=(
     [versions]="20"
     [large]="140 python3 $B --preset gpt2-large --batch 8 --steps 30"
     [xl]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30"
+    [xl_ddp]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --parallel ddp"
+    [xl_ddp_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --parallel ddp --no-ac"
     [xl_eager]="120 python3 $B --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
     [xl_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --no-ac"
     [xl_offload]="200 python3 $B --preset gpt2-xl --batch 8 --steps 12 --skip 4 --no-compile --cpu-offload"
