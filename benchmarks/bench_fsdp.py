@@ -49,7 +49,7 @@ def _rank(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
 
     from gptcore.config import JobConfig
     from gptcore.model import GPT
-    from gptcore.parallel import shard_model
+    from gptcore.parallel import leave_process_group, shard_model
     from gptcore.train import configure_optimizer, forward_backward_step, optimizer_step
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
@@ -94,7 +94,7 @@ def _rank(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"ranks": every, "params": params}, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

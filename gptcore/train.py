@@ -47,7 +47,14 @@ from gptcore.checkpoint import is_sharded as is_sharded_checkpoint
 from gptcore.config import JobConfig, TrainConfig
 from gptcore.data import SlidingWindowDataset, build_datasets, make_loader
 from gptcore.model import GPT
-from gptcore.parallel import ensure_process_group, full_value, is_sharded, set_gradient_sync, shard_model
+from gptcore.parallel import (
+    ensure_process_group,
+    full_value,
+    is_sharded,
+    leave_process_group,
+    set_gradient_sync,
+    shard_model,
+)
 from gptcore.sampling import generate, generate_text
 from gptcore.tokenizer import EOT_ID, decode, encode
 
@@ -726,7 +733,7 @@ def train(
         return _train(config, hooks, resume_from, rank, world_size, device, wrap_model, datasets, data_dir)
     finally:
         if own_group:
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, datasets, data_dir) -> TrainResult:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from gptcore.config import JobConfig
 from gptcore.data import dataset_folder
+from gptcore.parallel import leave_process_group
 from gptcore.train import HookList, Hooks, LocalCheckpoints, train
 
 from .conftest import tiny_job
@@ -50,7 +51,7 @@ def _rank(rank: int, world: int, init: str, job: dict, out: str, resume: str | N
         if rank == 0:
             (Path(out) / "losses.json").write_text(json.dumps(losses.losses))
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def run(tmp_path: Path, name: str, *, world: int, batch: int, steps: int, resume: Path | None = None) -> list[float]:

@@ -28,6 +28,7 @@ from gptcore.checkpoint import (
 )
 from gptcore.config import ConfigError, JobConfig
 from gptcore.data import dataset_folder
+from gptcore.parallel import leave_process_group
 from gptcore.train import Hooks, _lockstep, build_model, train
 
 from .conftest import tiny_job
@@ -116,7 +117,7 @@ def _ranks(rank: int, world: int, init: str, jobs: list[dict], out: str) -> None
                 ddp=spec.get("ddp", False),
             )
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 TWO_RANK_JOBS = [
