@@ -618,6 +618,15 @@ def _optimizer_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def check_shape(name: str, target: torch.Tensor, value: torch.Tensor, *, source: str = "checkpoint") -> None:
+    """A `CheckpointError` naming parameter ``name`` when ``value`` (from ``source``) does not fit ``target``."""
+    if tuple(value.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{source}: parameter {name} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}; "
+            "it was saved from a different architecture (check model.* settings)"
+        )
+
+
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
     """Copy ``state`` into ``model``, naming any missing, unexpected or mis-shaped parameter."""
     target = model_state_dict(model)
@@ -630,11 +639,7 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *
             "it was saved from a different architecture (check model.* settings)"
         )
     for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(target[name].shape):
-            raise CheckpointError(
-                f"{source}: parameter {name} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(target[name].shape)}; it was saved from a different architecture (check model.* settings)"
-            )
+        check_shape(name, target[name], tensor, source=source)
     with torch.no_grad():
         for name, tensor in state.items():
             target[name].copy_(tensor)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptcore.checkpoint import CheckpointError, _replace_dir, init_source_kind, load_model
+from gptcore.checkpoint import CheckpointError, _replace_dir, check_shape, init_source_kind, load_model
 from gptcore.config import PRESETS, GPTConfig
 from gptcore.model import GPT
 
@@ -77,14 +77,6 @@ def assign(name: str, target: torch.Tensor, value: torch.Tensor | np.ndarray) ->
     check_shape(name, target, value)
     with torch.no_grad():
         target.copy_(value)
-
-
-def check_shape(name: str, target: torch.Tensor, value: torch.Tensor) -> None:
-    if tuple(value.shape) != tuple(target.shape):
-        raise CheckpointError(
-            f"parameter {name}: the model expects shape {tuple(target.shape)}, the checkpoint provides "
-            f"{tuple(value.shape)}; the checkpoint does not match this architecture (check model.* settings)"
-        )
 
 
 # --------------------------------------------------------------------------- key mapping

@@ -45,6 +45,7 @@ from orchestrator.tracking import (
     default_tracking_uri,
     file_docstring,
     git_commit,
+    is_loopback,
     mlflow_status,
     source_tags,
 )
@@ -297,6 +298,14 @@ def _check_address(address: str) -> None:
         ) from None
 
 
+def on_one_machine(address: str | None) -> bool:
+    """True when the Ray cluster cannot span machines: a local Ray, or a head on a loopback address (which no other
+    machine can join)."""
+    if address in (None, "local"):
+        return True
+    return is_loopback(urllib.parse.urlparse(address if "://" in address else f"tcp://{address}").hostname)
+
+
 def worker_env(local: bool) -> dict[str, str]:
     """Environment of every Ray process of the sweep."""
     env = {
@@ -322,7 +331,7 @@ def worker_env(local: bool) -> dict[str, str]:
 def connect_ray(address: str | None) -> None:
     import ray
 
-    runtime_env = {"env_vars": worker_env(local=address is None)}
+    runtime_env = {"env_vars": worker_env(local=on_one_machine(address))}
     if address:
         _check_address(address)
         try:
@@ -448,8 +457,9 @@ def run_sweep(
     finally:
         ray.shutdown()
     interrupted = any(s == "pending" for s in statuses.values())
-    ok = all(s in ("finished", "diverged", "stopped") for s in statuses.values())
-    tracker.finish(settings.parent_run_id, "interrupted" if interrupted else ("finished" if ok else "failed"))
+    tracker.finish(
+        settings.parent_run_id, "interrupted" if interrupted else ("finished" if all_ended_well(statuses) else "failed")
+    )
     return SweepOutcome(
         sweep_id, settings.parent_run_id, settings.tracking_uri, storage, experiment.name, statuses, interrupted
     )
@@ -617,11 +627,22 @@ def _new_tuner(trainable, names, settings: SweepSettings, address: str | None):
     )
 
 
-def _trial_states(grid) -> dict[str, tuple[str, dict[str, Any], Any]]:
-    """Tune's view of each trial: (status, last metrics, result)."""
+def _trial_states(grid, sweep_dir: str) -> dict[str, tuple[str, dict[str, Any], Any]]:
+    """Tune's view of each trial: (status, last metrics, result).
+
+    The status is the one Tune saved in the sweep's state, as ``--resume`` reads it: a trial still running when the
+    sweep was interrupted is saved RUNNING (to train again), though Tune then ends it as TERMINATED in memory, the
+    status of a trial the scheduler stopped.
+    """
+    from ray.tune import ExperimentAnalysis
+
     states = {}
     analysis = getattr(grid, "_experiment_analysis", None)
     tune_status = {t.config.get("trial"): t.status for t in getattr(analysis, "trials", [])}
+    try:
+        tune_status.update({t.config.get("trial"): t.status for t in ExperimentAnalysis(sweep_dir).trials})
+    except Exception as exc:  # no saved state: keep the statuses in memory
+        print(f"warning: could not read the sweep state in {sweep_dir} ({exc}); trial statuses as Tune ended them")
     for result in grid:
         name = (result.config or {}).get("trial")
         if name:
@@ -635,7 +656,7 @@ def _reconcile(tracker: SweepTracker, settings: SweepSettings, grid, names: list
     finished / diverged: the trial reported its end; stopped: ended early by the scheduler;
     failed: errored; pending: not finished (interrupted sweep) and resumable.
     """
-    states = _trial_states(grid)
+    states = _trial_states(grid, join_path(settings.storage, settings.sweep_id))
     runs = {r.data.tags.get("orchestrator.trial"): r for r in tracker.child_runs(settings.parent_run_id)}
     statuses = {}
     for name in names:
@@ -675,7 +696,16 @@ def _best_checkpoint(result, settings: SweepSettings) -> str | None:
     return storage_uri(settings.storage, str(rows.loc[best, "checkpoint_path"]))
 
 
+ENDED_WELL = ("finished", "diverged", "stopped")  # a diverged or stopped trial is a result, not an error
+
+
+def all_ended_well(statuses: dict[str, str]) -> bool:
+    """True when no trial failed or is still pending."""
+    return all(s in ENDED_WELL for s in statuses.values())
+
+
 def exit_code(outcome: SweepOutcome) -> int:
+    """130 for an interrupted sweep, 1 when a trial failed, else 0."""
     if outcome.interrupted:
         return 130
-    return 0 if all(s in ("finished", "diverged", "stopped") for s in outcome.statuses.values()) else 1
+    return 0 if all_ended_well(outcome.statuses) else 1

@@ -75,7 +75,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
     try:
         return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
     except ValueError:
@@ -88,7 +89,7 @@ def cluster_tracking_uri(uri: str, node_ip: str) -> str:
     Rewritten only when the server answers there too; a server bound to loopback only keeps its URI (with a warning).
     """
     parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme not in ("http", "https") or not _is_loopback(parsed.hostname) or _is_loopback(node_ip):
+    if parsed.scheme not in ("http", "https") or not is_loopback(parsed.hostname) or is_loopback(node_ip):
         return uri
     host = f"[{node_ip}]" if ":" in node_ip else node_ip
     routable = parsed._replace(netloc=f"{host}:{parsed.port}" if parsed.port else host).geturl()

@@ -37,3 +37,12 @@ def tiny_job(**sections):
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return JobConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory):
+    """Every study run once (`tests.studies`); (work folder, {name: (exit code, output)})."""
+    from tests.studies import run_studies
+
+    work = tmp_path_factory.mktemp("studies")
+    return work, run_studies(work)

@@ -149,3 +149,13 @@ def test_experiment_error_type():
 )
 def test_a_local_sweep_runs_as_many_trials_at_once_as_fit(resources, workers, cpus, gpu, expected):
     assert trials_that_fit(resources, workers, cpus, gpu) == expected
+
+
+def test_only_a_local_or_loopback_cluster_counts_as_one_machine():
+    """On one machine a trial skips Ray Train's spot-preemption watcher and Prometheus metrics actors."""
+    from orchestrator.sweep import on_one_machine, worker_env
+
+    assert on_one_machine(None) and on_one_machine("127.0.0.1:6379") and on_one_machine("ray://localhost:10001")
+    assert not on_one_machine("10.0.0.5:6379") and not on_one_machine("auto")
+    assert worker_env(local=True)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in worker_env(local=False)

@@ -1,4 +1,5 @@
-"""MLflow as its users expect (issue 16), against real MLflow, from ONE tiny sweep (stride_sweep, one micro trial):
+"""MLflow as its users expect (issue 16), against real MLflow, from ONE tiny sweep (stride_sweep, one micro trial, run
+with the studies: `tests.studies.MODELS`):
 source tags and config.json on its runs, the experiment's description, the best model registered as a pyfunc whose
 greedy text is ``orchestrator sample``'s, a worse sweep that does not move ``best``, ``mlflow models serve`` answering
 a REST call, system metrics on the trial run, and ``register``'s bad input."""
@@ -19,28 +20,25 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from tests.servers import BIN, _serve, free_port
+from tests.studies import MODELS
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_FILE = REPO / "experiments" / "stride_sweep.py"
 NAME = "stride_sweep"
-TINY = ["model.preset=micro", "train.max_steps=4", "train.eval_every=2", "train.eval_iters=1", "data.stride=64"]
-TINY += ["train.sample_every=4", "train.sample_max_new_tokens=4"]
 PROMPT, NEW_TOKENS = "Every effort moves you", 8
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """One tiny sweep in a fresh work folder (its SQLite store and artifacts); yields (work, uri, client, output)."""
-    work = tmp_path_factory.mktemp("mlflow16")
-    args = [sys.executable, "-m", "orchestrator", "run", str(EXPERIMENT_FILE), "--cpus-per-worker", "1"]
-    args += [a for item in TINY for a in ("--set", item)]
-    proc = subprocess.run(args, cwd=work, capture_output=True, text=True, timeout=400)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    uri = f"sqlite:///{work / 'mlruns.db'}"
-    return work, uri, MlflowClient(uri), output
+def sweep(studies):
+    """The studies' one-trial stride sweep (`tests.studies.MODELS`: its own work folder, SQLite store and artifacts);
+    (work, uri, client, output)."""
+    work, outcomes = studies
+    rc, output = outcomes[MODELS]
+    assert rc == 0, output[-4000:]
+    uri = f"sqlite:///{work / MODELS / 'mlruns.db'}"
+    return work / MODELS, uri, MlflowClient(uri), output
 
 
 def _runs(client: MlflowClient, role: str) -> list:

@@ -205,7 +205,7 @@ def test_wrong_tensor_shape_names_parameter_and_shapes(tied_dir, tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_pretrained_into(model, tampered(tied_dir, tmp_path, edit))
     assert "blocks.1.attn.qkv.weight" in str(info.value) and "transformer.h.1.attn.c_attn.weight" in str(info.value)
-    assert "expects shape (192, 64), the checkpoint provides (190, 64)" in str(info.value)
+    assert "has shape (190, 64), the model expects (192, 64)" in str(info.value)
     assert torch.equal(model.tok_emb.weight, before)  # nothing copied before the shapes were checked
 
 

@@ -38,6 +38,7 @@ EXPERIMENT = Experiment(
     name="scale_out",
     corpus="the-verdict",
     model="micro",
+    model_overrides={"dropout": 0.0},  # the ranks' losses are then those of one process on their joint batch
     train={"batch_size": 4, "epochs": 3, "eval_every": 9, "eval_iters": 1, "sample_max_new_tokens": 4},
     grid={"data.stride": grid(32)},
 )
@@ -146,6 +147,40 @@ def test_ddp_trial_resumed_from_the_s3_checkpoint_logged_over_http(scale_out):
     assert tokens.value == STEPS * BATCH * CONTEXT * WORKERS  # both ranks' batches, every step
     val_steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
     assert val_steps == list(range(9, STEPS + 1, 9))
+
+
+def test_two_ray_train_workers_train_as_one_process_on_their_joint_batch(scale_out):
+    """Gradients are synchronised across the Ray Train workers: the trial's 2 workers x batch 4 (one killed and the
+    group resumed on the way) log the losses and validation curve of one process training on batch 8."""
+    import math
+
+    import torch
+
+    from gptcore.config import JobConfig
+    from gptcore.train import Hooks, train
+
+    client, _, child = runs(scale_out)
+    downloaded = client.download_artifacts(child.info.run_id, "config.json", str(scale_out.work))
+    config = json.loads(Path(downloaded).read_text())
+    config["train"]["batch_size"] = BATCH * WORKERS
+    curves: dict[str, dict[int, float]] = {"loss": {}, "val_loss": {}}
+
+    class Curves(Hooks):
+        def on_step(self, ctx, state, metrics):
+            curves["loss"][state.step] = metrics["loss"]
+
+        def on_eval(self, ctx, state, metrics, sample, save):
+            curves["val_loss"][state.step] = metrics["val_loss"]
+
+    threads = torch.get_num_threads()
+    try:
+        train(JobConfig.from_dict(config), Curves(), device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for key, single in curves.items():
+        logged = {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
+        assert sorted(logged) == sorted(single) and len(set(single.values())) == len(single), key
+        assert all(math.isclose(logged[s], single[s], rel_tol=0, abs_tol=1e-4) for s in single), (key, logged, single)
 
 
 def test_artifacts_go_through_the_tracking_server(scale_out):

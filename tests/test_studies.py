@@ -1,11 +1,5 @@
-"""Every experiment file of ``experiments/`` end to end with a tiny ``--set`` override, then the MLflow UI.
-
-The studies share one Ray cluster (``ray start --head``, token auth, 2 CPUs) that each ``run`` joins with
-``--address``, and one MLflow store in the work folder, as a user's machine would. The decoding sweep samples
-from the best checkpoint of the stride sweep run before it (``best:stride_sweep``). The warm start arm loads a
-randomly initialised Hugging Face GPT-2 of the ``micro`` shape saved by the test (no downloads here).
-Finally ``python -m orchestrator ui`` serves the store and headless Chromium (Playwright) opens it.
-"""
+"""Every experiment file of ``experiments/`` end to end (`tests.studies`, the session's ``studies`` fixture), then
+the MLflow UI: ``python -m orchestrator ui`` serves the store and headless Chromium (Playwright) opens it."""
 
 from __future__ import annotations
 
@@ -13,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,93 +18,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import free_port, ray_cluster, stop
+from tests.servers import free_port, stop
+from tests.studies import FSDP_EVERY, FSDP_STEPS, FSDP_TRIAL, REPO, STOPPED, STUDIES, TRIALS, sweep_runs
+from tests.test_faults import TOKENS_PER_STEP, assert_generates
 
 pytestmark = pytest.mark.ray
-
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
-
-TINY = ["model.preset=micro", "train.max_steps=4", "train.eval_every=2", "train.eval_iters=1"]
-TINY += ["train.sample_every=4", "train.sample_max_new_tokens=4"]
-# experiment -> extra --set items (a grid axis narrowed with a list keeps the sweep small)
-STUDIES: dict[str, list[str]] = {
-    "stride_sweep": [],
-    "posemb_sweep": ["model.pos_emb=rope"],
-    "freeze_embeddings": [],
-    # one trial at a time (ARGS), 24 steps: ASHA's first rung (step 20, an evaluation without a checkpoint)
-    # compares each trial with those before it
-    "lr_sweep": ["train.lr=[5e-4,1e-4]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
-    "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}","scratch"]'],
-    "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=5e-4"],
-    # the GPU study on the CPU: FSDP over gloo on 2 workers (ARGS), fp32, no compile, the-verdict
-    "gpt2_xl_fsdp": [
-        "data.corpus=the-verdict",
-        "train.precision=fp32",
-        "train.compile=false",
-        "train.batch_size=2",
-        "train.grad_accum_steps=1",
-        "train.warmup_steps=0",
-        "train.lr=1e-3",
-    ],
-}
-ARGS: dict[str, list[str]] = {  # extra command-line arguments
-    "lr_sweep": ["--max-concurrent", "1"],
-    "gpt2_xl_fsdp": ["--workers", "2", "--use-gpu", "no"],
-}
-# a grid narrowed to one point (each trial costs a Ray Train start)
-TRIALS = {"posemb_sweep": 1, "full_grid": 1, "gpt2_xl_fsdp": 1}
-STOPPED = {"lr_sweep": ["001_lr=0.0001"]}  # trials ASHA stops at its first rung
-# the test cluster has 2 CPUs and no GPU
-REFUSED_ON_THE_CLUSTER = {
-    "cpus_beyond_the_largest_node": ("--cpus-per-worker", "4"),
-    "gpu_on_a_cluster_without": ("--cpus-per-worker", "1", "--use-gpu", "yes"),
-}
-DECODE = ["decode.temperature=[0.7,1.5]", "decode.top_k=40", "decode.num_samples=2", "decode.max_new_tokens=8"]
-
-
-def tiny_hf_gpt2(folder: Path) -> Path:
-    """A randomly initialised Hugging Face GPT-2 of the micro preset's shape, saved as a local folder."""
-    import transformers
-
-    config = transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, n_positions=32, vocab_size=50257)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
-
-
-def run(
-    work: Path, experiment: str, sets: list[str], env: dict[str, str], address: str, flags: tuple[str, ...] = ()
-) -> tuple[int, str]:
-    args = [sys.executable, "-m", "orchestrator", "run", str(REPO / "experiments" / f"{experiment}.py")]
-    args += ["--address", address, *(flags or ("--cpus-per-worker", "1")), *ARGS.get(experiment, [])]
-    args += [a for item in sets for a in ("--set", item)]
-    proc = subprocess.run(args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def studies(tmp_path_factory):
-    """Run every study (decoding last) on one cluster; yields (work folder, {experiment: (exit code, output)})."""
-    work = tmp_path_factory.mktemp("studies")
-    hf = tiny_hf_gpt2(work / "hf-gpt2-micro")
-    outcomes = {}
-    with ray_cluster(work, workers=0, head_cpus=2) as cluster:
-        for name, extra in STUDIES.items():
-            sets = TINY + [item.format(hf=hf) for item in extra]
-            outcomes[name] = run(work, name, sets, cluster.env, cluster.address)
-        outcomes["decoding_sweep"] = run(work, "decoding_sweep", DECODE, cluster.env, cluster.address)
-        for name, flags in REFUSED_ON_THE_CLUSTER.items():  # bad input only the cluster can reveal
-            (work / name).mkdir()
-            outcomes[name] = run(work / name, "stride_sweep", TINY, cluster.env, cluster.address, flags)
-    return work, outcomes
-
-
-def sweep_runs(work: Path, experiment: str):
-    client = MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
-    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return client, parent, {k.data.tags["orchestrator.trial"]: k for k in kids}
 
 
 def test_every_experiment_file_is_exercised():
@@ -152,11 +66,13 @@ def test_what_only_the_cluster_reveals_is_refused_before_anything_is_written(stu
     assert sorted(p.name for p in (work / case).iterdir()) == []  # no ray_results, mlruns.db, mlartifacts
 
 
-def test_trials_asha_stops_keep_their_metrics(studies):
+def test_asha_stopped_trial_keeps_its_metrics_and_the_next_trial_finishes(studies):
     """Stopping a trial kills its worker: all it logged up to the evaluation ASHA stopped it on is in MLflow."""
     work, _ = studies
     client, _, kids = sweep_runs(work, "lr_sweep")
     assert steps_of(client, kids["000_lr=0.0005"], "val_loss") == [4, 8, 12, 16, 20, 24]
+    # the trial after the stopped one starts (in a fresh trial actor: the stopped trial's is not reused) and finishes
+    assert steps_of(client, kids["002_lr=0.001"], "val_loss") == [4, 8, 12, 16, 20, 24]
     for name in STOPPED["lr_sweep"]:
         assert steps_of(client, kids[name], "val_loss")[:5] == [4, 8, 12, 16, 20], name
         assert steps_of(client, kids[name], "loss")[:20] == list(range(1, 21)), name
@@ -166,22 +82,49 @@ def steps_of(client: MlflowClient, run, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
 
+def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(studies):
+    """FSDP through Ray Train: the 2-worker gpt2_xl_fsdp trial lost its rank-1 worker at step 20; the group resumed
+    from the sharded checkpoint, every step logged once."""
+    from gptcore.checkpoint import read_meta
+
+    work, outcomes = studies
+    rc, out = outcomes["gpt2_xl_fsdp"]
+    assert rc == 0, out[-4000:]
+    resumed = int(re.search(rf"\[{FSDP_TRIAL}\] .*2 worker\(s\) on cpu, resumed from step (\d+)", out).group(1))
+    assert resumed in (10, 20), resumed
+    client, _, kids = sweep_runs(work, "gpt2_xl_fsdp")
+    run = kids[FSDP_TRIAL]
+    assert run.data.tags["resumed_from_step"] == str(resumed) and run.data.params["train.parallel"] == "fsdp"
+    assert steps_of(client, run, "loss") == list(range(1, FSDP_STEPS + 1))  # every step once
+    tokens = client.get_metric_history(run.info.run_id, "tokens_seen")
+    per_step = 2 * TOKENS_PER_STEP  # 2 workers x batch 2 x context 32
+    assert sorted((m.step, m.value) for m in tokens) == [(s, s * per_step) for s in range(1, FSDP_STEPS + 1)]
+    # the checkpoints are sharded: both ranks' shards and rank 0's metadata in one folder
+    best = run.data.tags["best_checkpoint"]
+    meta = read_meta(best)
+    assert meta["layout"] == "sharded" and meta["world_size"] == 2 and meta["state"]["step"] % FSDP_EVERY == 0
+    assert len([name for name in meta["files"] if name.startswith("shards/")]) == 2
+    assert_generates(best)
+
+
 def test_frozen_embeddings_train_fewer_parameters(studies):
     work, _ = studies
     _, _, kids = sweep_runs(work, "freeze_embeddings")
     trainable = {k: v.data.metrics["params_trainable"] for k, v in kids.items()}
     total = {k: v.data.metrics["params_total"] for k, v in kids.items()}
-    frozen, trained = trainable["001_freeze_token_embeddings=True"], trainable["000_freeze_token_embeddings=False"]
-    assert trained == total["000_freeze_token_embeddings=False"]
-    assert trained - frozen == 50257 * 32  # the token embedding table of the micro preset
+    frozen = "000_freeze_token_embeddings=True"
+    assert total[frozen] - trainable[frozen] == 50257 * 32  # the token embedding table of the micro preset
+    _, _, others = sweep_runs(work, "stride_sweep")
+    assert all(k.data.metrics["params_trainable"] == k.data.metrics["params_total"] for k in others.values())
 
 
 def test_warm_arm_starts_from_the_pretrained_weights(studies):
     work, _ = studies
     _, _, kids = sweep_runs(work, "warmstart_vs_scratch")
-    (warm,) = [k for name, k in kids.items() if "scratch" not in name]
-    scratch = kids["001_init_from=scratch"]
-    assert warm.data.tags["init_from"].endswith("hf-gpt2-micro") and scratch.data.tags["init_from"] == "scratch"
+    (warm,) = kids.values()
+    _, _, others = sweep_runs(work, "stride_sweep")
+    assert warm.data.tags["init_from"].endswith("hf-gpt2-micro")
+    assert all(k.data.tags["init_from"] == "scratch" for k in others.values())
     assert any(key.startswith("init.") for key in warm.data.tags)  # the load report
 
 
