@@ -52,7 +52,7 @@ def generate(folder: Path, megabytes: int, seed: int = 0) -> None:
 
 def prepare(corpus: Path, out: Path, workers: int) -> dict[str, float]:
     """The whole corpus on ``workers`` processes (one group each at a time), then group 0 again in this process."""
-    import gptcore.data as data
+    import gptcore.corpus as data
     from gptcore.config import DataConfig
     from gptcore.data import finish_dataset, plan_corpus, prepare_group
 

@@ -17,7 +17,7 @@ from pathlib import Path
 def _user_errors() -> tuple[type[Exception], ...]:
     from gptcore.checkpoint import CheckpointError
     from gptcore.config import ConfigError
-    from gptcore.data import DataError
+    from gptcore.shards import DataError
     from orchestrator.experiment import ExperimentError
     from orchestrator.results import ReportError
     from orchestrator.storage import StorageError
@@ -125,7 +125,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import ray
 
     from gptcore.config import DataConfig
-    from gptcore.data import plan_corpus
+    from gptcore.corpus import plan_corpus
     from orchestrator.prepare import needs_ray, prepare, read_dataset_manifest
     from orchestrator.storage import absolute_storage
     from orchestrator.sweep import connect_ray
@@ -135,7 +135,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     plan = plan_corpus(data)  # every input is checked before Ray starts
     storage = absolute_storage(args.storage, str(Path.cwd()))
     if needs_ray(plan):
-        connect_ray(args.address)
+        connect_ray(args.address, dashboard=False)
     try:
         location = prepare(plan, storage)
     finally:

@@ -24,7 +24,7 @@ from typing import TextIO
 import pyarrow.fs as pafs
 
 from gptcore.config import JobConfig
-from gptcore.data import (
+from gptcore.corpus import (
     PARTS,
     CorpusPlan,
     cache_dir,

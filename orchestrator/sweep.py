@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from gptcore.config import JobConfig, nest
-from gptcore.data import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
+from gptcore.corpus import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
 from gptcore.shards import Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows, resolve_checkpoints
 from orchestrator.decode_trial import decode_trainable
@@ -328,7 +328,9 @@ def worker_env(local: bool) -> dict[str, str]:
     return env
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
+    """Join the Ray cluster at ``address``, or start a local one; ``dashboard``: a local Ray with its dashboard
+    (Ray Train's placement-group cleanup reads actor states through it; `prepare`'s tasks need none)."""
     import ray
 
     runtime_env = {"env_vars": worker_env(local=on_one_machine(address))}
@@ -339,7 +341,7 @@ def connect_ray(address: str | None) -> None:
         except ConnectionError as exc:
             raise SweepError(f"cannot join the Ray cluster at {address}: {exc}") from None
     else:
-        ray.init(runtime_env=runtime_env, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(runtime_env=runtime_env, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def resolve_gpu(use_gpu: bool | str, wait_for_resources: bool = False) -> bool:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import gptcore.corpus
 import gptcore.data as data
 from gptcore.config import DataConfig
 from gptcore.data import (
@@ -78,7 +79,7 @@ def test_named_corpus_offline_without_mirror_says_where_to_put_it(tmp_path, monk
     monkeypatch.setenv("GPTCORE_DATA_DIR", str(tmp_path))  # empty mirror
     monkeypatch.setenv("GPTCORE_CACHE_DIR", str(tmp_path / "cache"))
     named = data.NamedCorpus("the-verdict.txt", "http://127.0.0.1:9/none.txt", "0" * 64)
-    monkeypatch.setattr("gptcore.data.CORPORA", {"the-verdict": named})
+    monkeypatch.setattr("gptcore.corpus.CORPORA", {"the-verdict": named})
     with pytest.raises(DataError, match=r"put the-verdict.txt in .*GPTCORE_DATA_DIR"):
         plan_corpus(DataConfig(corpus="the-verdict"))
 
@@ -249,7 +250,7 @@ def test_prepare_again_is_a_no_op(tmp_path):
 
 
 def test_an_interrupted_prepare_keeps_its_finished_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "GROUP_BYTES", 600)  # a few documents per group
+    monkeypatch.setattr(gptcore.corpus, "GROUP_BYTES", 600)  # a few documents per group
     write_formats(tmp_path / "in", DOCS)
     plan = plan_corpus(DataConfig(corpus=str(tmp_path / "in" / "txt")))
     assert len(plan.groups) > 3

@@ -92,3 +92,13 @@ def test_no_import_cycle():
 def test_only_main_imports_the_cli():
     importers = sorted(m for m, targets in import_graph().items() if "orchestrator.cli" in targets)
     assert importers == ["orchestrator.__main__"], f"modules importing orchestrator.cli: {importers}"
+
+
+def test_corpus_preparation_does_not_import_torch():
+    """Ray's preparation tasks import `orchestrator.prepare` and `gptcore.corpus`: no torch (a second per process)."""
+    import subprocess
+    import sys
+
+    code = "import sys, orchestrator.prepare, gptcore.corpus; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-import gptcore.data
+import gptcore.corpus
 import orchestrator.prepare
 from gptcore.config import DataConfig
 from gptcore.data import DataError, plan_corpus, prepare_dataset
@@ -43,7 +43,7 @@ def ray_local(s3):
 
 @pytest.fixture
 def small_groups(monkeypatch):
-    monkeypatch.setattr(gptcore.data, "GROUP_BYTES", 1500)
+    monkeypatch.setattr(gptcore.corpus, "GROUP_BYTES", 1500)
     monkeypatch.setattr(orchestrator.prepare, "LOCAL_BYTES", 0)
 
 
@@ -121,7 +121,7 @@ def test_shards_on_s3_are_fetched_once_per_node_and_checked(ray_local, small_gro
     shard = read_dataset_manifest(location).shards[0]["file"]
     with fs.open_output_stream(f"{base}/{shard}") as out:  # same size, other bytes
         out.write(b"\0" * (fs.get_file_info(f"{base}/{shard}").size))
-    gptcore.data.shutil.rmtree(folder)
+    gptcore.corpus.shutil.rmtree(folder)
     with pytest.raises(DataError, match=f"shard .*{shard}: sha256 differs"):
         local_dataset(location)
     assert not folder.exists()  # never trained on

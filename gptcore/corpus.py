@@ -1,0 +1,289 @@
+"""Corpora and their preparation into token shards, without torch (Ray's preparation tasks import only this).
+
+A corpus is a named corpus (``the-verdict``, ``tinyshakespeare``), a file, a folder (recursive), a glob, a list
+of those, or a folder of llm.c shards; text comes as ``.txt``/``.txt.gz`` (a document per file),
+``.jsonl``/``.jsonl.gz`` or Parquet (a document per record, ``data.text_field``). `plan_corpus` fingerprints it;
+`prepare_dataset` tokenizes it once into shards (`gptcore.shards`) under a key; `gptcore.data` reads windows from
+them. The orchestrator prepares the same groups in parallel on a Ray cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gptcore.config import DataConfig, JobConfig
+from gptcore.shards import (
+    TEXT_SUFFIXES,
+    DataError,
+    GroupResult,
+    Manifest,
+    Source,
+    check_parquet_field,
+    dataset_key,
+    find_sources,
+    llmc_shard_folder,
+    manifest_for_llmc_shards,
+    merge_groups,
+    read_manifest,
+    tokenize_group,
+    verify_shards,
+    write_manifest,
+)
+
+MIRROR_ENV = "GPTCORE_DATA_DIR"  # a folder holding copies of the named corpora (offline use, CI)
+CACHE_ENV = "GPTCORE_CACHE_DIR"  # downloads and token cache; default ~/.cache/gptcore
+GROUP_BYTES = 128 << 20  # input bytes per preparation task
+
+
+@dataclass(frozen=True)
+class NamedCorpus:
+    filename: str
+    url: str
+    sha256: str
+
+
+CORPORA: dict[str, NamedCorpus] = {
+    "the-verdict": NamedCorpus(
+        "the-verdict.txt",
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+    ),
+    "tinyshakespeare": NamedCorpus(
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptcore"
+    return Path(os.environ.get(CACHE_ENV) or default).expanduser().absolute()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- locating corpora
+
+
+def fetch_named_corpus(name: str, *, timeout: float = 30.0) -> Path:
+    """Path of a named corpus: the mirror folder, else the download cache, else download it."""
+    spec = CORPORA[name]
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        candidate = Path(mirror).expanduser() / spec.filename
+        if candidate.is_file():
+            digest = _sha256(candidate.read_bytes())
+            if digest != spec.sha256:
+                raise DataError(
+                    f"{candidate}: sha256 {digest} is not the expected {spec.sha256} for corpus {name!r}; "
+                    f"replace the file with a fresh copy of {spec.url}"
+                )
+            return candidate.absolute()
+    cached = cache_dir() / "corpora" / spec.filename
+    if cached.is_file() and _sha256(cached.read_bytes()) == spec.sha256:
+        return cached
+    try:
+        with urllib.request.urlopen(spec.url, timeout=timeout) as response:
+            data = response.read()
+    except OSError as exc:
+        where = f"{MIRROR_ENV}={mirror} (no {spec.filename} there)" if mirror else f"{MIRROR_ENV} is not set"
+        raise DataError(
+            f"corpus {name!r} is not available offline and downloading {spec.url} failed ({exc}); "
+            f"put {spec.filename} in {cached.parent} or in a folder named by {MIRROR_ENV} ({where})"
+        ) from None
+    digest = _sha256(data)
+    if digest != spec.sha256:
+        raise DataError(f"downloaded {spec.url} has sha256 {digest}, expected {spec.sha256}; try again later")
+    atomic_write_bytes(cached, data)
+    return cached
+
+
+# --------------------------------------------------------------------------- planning a dataset
+
+
+@dataclass(frozen=True)
+class CorpusPlan:
+    """A corpus resolved to files and fingerprinted: what `prepare_dataset` will make, and under which key."""
+
+    key: str
+    corpus: Any  # the spec, as the user wrote it
+    sources: tuple[Source, ...]
+    split: str  # "documents", "tokens" or "given" (a folder of llm.c shards)
+    val_fraction: float
+    text_field: str
+    groups: tuple[tuple[str, ...], ...]  # input files per preparation task
+    shard_files: tuple[str, ...] = ()  # llm.c shards used where they are
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.sources)
+
+
+def _sources(spec: str) -> list[Source]:
+    if spec in CORPORA:
+        return [Source.of(fetch_named_corpus(spec), f"sha256:{CORPORA[spec].sha256}")]
+    return find_sources(spec, named=list(CORPORA))
+
+
+def plan_corpus(data: DataConfig) -> CorpusPlan:
+    """Resolve ``data.corpus`` to its files, check them cheaply, and fix the dataset key and the groups."""
+    specs = [data.corpus] if isinstance(data.corpus, str) else list(data.corpus)
+    if len(specs) == 1 and (bins := llmc_shard_folder(specs[0])):
+        sources = tuple(Source.of(p) for p in bins)
+        key = dataset_key(sources, split="given", val_fraction=0.0, text_field="")
+        return CorpusPlan(key, data.corpus, sources, "given", 0.0, "", (), tuple(str(p) for p in bins))
+    sources = tuple(s for spec in specs for s in _sources(spec))
+    for source in sources:
+        if not os.access(source.path, os.R_OK):
+            raise DataError(f"{source.path}: cannot be read (permission denied); check its permissions")
+        if source.path.lower().endswith(".parquet"):
+            check_parquet_field(source.path, data.text_field)
+    single_document = len(sources) == 1 and sources[0].path.lower().endswith(TEXT_SUFFIXES)
+    split = data.split if data.split != "auto" else ("tokens" if single_document else "documents")
+    key = dataset_key(sources, split=split, val_fraction=data.val_fraction, text_field=data.text_field)
+    return CorpusPlan(key, data.corpus, sources, split, data.val_fraction, data.text_field, _groups(sources, split))
+
+
+def _groups(sources: Sequence[Source], split: str) -> tuple[tuple[str, ...], ...]:
+    """Consecutive files of about `GROUP_BYTES` each; one group for a token-fraction split (a single stream)."""
+    if split == "tokens":
+        return (tuple(s.path for s in sources),)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for source in sources:
+        if groups[-1] and size + source.size > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(source.path)
+        size += source.size
+    return tuple(tuple(g) for g in groups)
+
+
+# --------------------------------------------------------------------------- preparing a dataset
+
+
+PARTS = "parts"
+
+
+def group_record(folder: Path, group: int) -> GroupResult | None:
+    """The finished group ``group`` of a dataset folder, if its shards are all there."""
+    path = folder / PARTS / f"g{group:05d}.json"
+    if not path.is_file():
+        return None
+    result = GroupResult(**json.loads(path.read_text()))
+    manifest = Manifest(key="", shards=result.shards, split="", val_fraction=0.0)
+    try:
+        verify_shards(folder, manifest, full=False)
+    except DataError:
+        return None
+    return result
+
+
+def write_group_record(folder: Path, result: GroupResult) -> None:
+    atomic_write_bytes(folder / PARTS / f"g{result.group:05d}.json", json.dumps(asdict(result)).encode())
+
+
+def prepare_group(plan: CorpusPlan, group: int, folder: Path) -> GroupResult:
+    """Tokenize one group into ``folder`` (shards, then its record); a finished group is left as it is."""
+    done = group_record(folder, group)
+    if done is not None:
+        return done
+    result = tokenize_group(
+        group, plan.groups[group], folder, split=plan.split, val_fraction=plan.val_fraction, text_field=plan.text_field
+    )
+    write_group_record(folder, result)
+    return result
+
+
+def finish_dataset(plan: CorpusPlan, folder: Path, results: Sequence[GroupResult]) -> Manifest:
+    """Merge the groups' records into the manifest, written last (the commit marker)."""
+    if plan.split == "given":
+        manifest = manifest_for_llmc_shards(plan.key, [Path(p) for p in plan.shard_files])
+    else:
+        manifest = merge_groups(plan.key, results, split=plan.split, val_fraction=plan.val_fraction, corpus=plan.corpus)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def prepare_dataset(plan: CorpusPlan, root: str | Path) -> Path:
+    """Prepare ``plan`` under ``root/<key>`` in this process (the orchestrator does the groups on Ray instead).
+
+    Idempotent: a folder with a manifest is returned as it is; finished groups of an interrupted run are kept.
+    """
+    folder = Path(root) / plan.key
+    if read_manifest(folder) is not None:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder / ".lock"):
+        if read_manifest(folder) is None:
+            try:
+                results = [prepare_group(plan, g, folder) for g in range(len(plan.groups))]
+                finish_dataset(plan, folder, results)
+            except DataError:
+                shutil.rmtree(folder, ignore_errors=True)  # bad input: nothing half-written is left
+                raise
+    return folder
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file, across processes of this machine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_split_length(name: str, n_tokens: int, context_length: int) -> None:
+    if n_tokens < context_length + 1:
+        raise DataError(
+            f"{name} split has {n_tokens} tokens, fewer than context_length + 1 = {context_length + 1}; "
+            "use a smaller model.context_length, a different data.val_fraction, or a larger corpus"
+        )
+
+
+def check_windows(config: JobConfig, manifest: Manifest) -> None:
+    """Both splits of a prepared dataset hold at least one window of ``config`` (from the manifest alone)."""
+    val = manifest.tokens("val")
+    check_split_length("train", manifest.tokens("train"), config.model.context_length)
+    check_split_length("validation", min(val, config.data.val_tokens or val), config.model.context_length)
+
+
+def dataset_folder(config: JobConfig, data_root: str | Path | None = None) -> Path:
+    """The prepared dataset of ``config``'s corpus, prepared here (under the cache) if it is not yet."""
+    plan = plan_corpus(config.data)
+    root = Path(data_root) if data_root else cache_dir() / "datasets"
+    if plan.split == "given" or read_manifest(root / plan.key) is None:
+        return prepare_dataset(plan, root)
+    return root / plan.key
