@@ -598,7 +598,7 @@ def forward_backward_step(
     set_gradient_sync(model, sync)  # FSDP (DDP: no_sync below)
     no_sync = not sync and hasattr(model, "no_sync")
     with model.no_sync() if no_sync else contextlib.nullcontext(), autocast(device, dtype):
-        loss = model(x, targets=y)
+        loss = model(x, targets=y) / n_micro
     scaler.scale(loss).backward()
     return loss.detach()
 
