@@ -425,33 +425,19 @@ class Run:
         return iter(loader)
 
     def saver(self) -> CheckpointSaver:
+        def parts() -> dict[str, Any]:  # what a checkpoint holds, read when it is taken
+            return {
+                "model": self.ctx.model,
+                "config": self.config,
+                "state": self.state,
+                "optimizer": self.optimizer,
+                "scaler": self.scaler,
+                "rng_states": self.rng_states or None,
+            }
+
         if is_sharded(self.model):
-
-            def write(path: Path) -> Path:
-                return save_sharded(
-                    path,
-                    model=self.ctx.model,
-                    config=self.config,
-                    state=self.state,
-                    optimizer=self.optimizer,
-                    scaler=self.scaler,
-                    rng_states=self.rng_states or None,
-                )
-
-            return CheckpointSaver(None, self.writer, write)
-
-        def take(copy: bool) -> Snapshot:
-            return take_snapshot(
-                model=self.ctx.model,
-                config=self.config,
-                state=self.state,
-                optimizer=self.optimizer,
-                scaler=self.scaler,
-                rng_states=self.rng_states or None,
-                copy=copy,
-            )
-
-        return CheckpointSaver(take, self.writer)
+            return CheckpointSaver(None, self.writer, lambda path: save_sharded(path, **parts()))
+        return CheckpointSaver(lambda copy: take_snapshot(**parts(), copy=copy), self.writer)
 
 
 def setup(

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -192,3 +193,59 @@ def enter_concurrently(stack: contextlib.ExitStack, *managers: contextlib.Abstra
     with ThreadPoolExecutor(len(managers)) as pool:
         futures = [pool.submit(stack.enter_context, m) for m in managers]
     return [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------- the CLI in the background
+
+
+class Cli:
+    """``python -m orchestrator ...`` in the background; stdout and stderr go to a file the test polls."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
+        self.log = cwd / f"cli-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator", *args],
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} in the CLI output (rc {self.proc.poll()}):\n{self.output()[-5000:]}")
+
+    def finish(self, timeout: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"the CLI did not finish in {timeout}s:\n{self.output()[-5000:]}") from None
+
+    def kill_tree(self) -> None:
+        """Kill the CLI and every process it started (a local Ray cluster included)."""
+        with _suppress_gone():
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+            for p in procs:
+                with _suppress_gone():
+                    p.kill()
+        self.proc.wait(30)
+
+
+class _suppress_gone:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, psutil.NoSuchProcess)

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tests.servers import RayCluster, ray_cluster
-from tests.test_faults import Cli
+from tests.servers import Cli, RayCluster, ray_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from mlflow import MlflowClient
 
 from gptcore.checkpoint import load_checkpoint, load_model
 from gptcore.sampling import generate_text
-from tests.servers import psutil
+from tests.servers import Cli, psutil
 
 REPO = Path(__file__).resolve().parents[1]
 ray_test = pytest.mark.ray
@@ -64,59 +63,6 @@ def write_experiment(
     )
     path.write_text(text)
     return path
-
-
-class Cli:
-    """``python -m orchestrator ...`` in the background; stdout and stderr go to a file the test polls."""
-
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
-        self.log = cwd / f"cli-{time.monotonic_ns()}.log"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", *args],
-                cwd=cwd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(pattern, self.output())
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise AssertionError(f"no {pattern!r} in the CLI output (rc {self.proc.poll()}):\n{self.output()[-5000:]}")
-
-    def finish(self, timeout: float = 240) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"the CLI did not finish in {timeout}s:\n{self.output()[-5000:]}") from None
-
-    def kill_tree(self) -> None:
-        """Kill the CLI and every process it started (a local Ray cluster included)."""
-        with _suppress_gone():
-            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-            for p in procs:
-                with _suppress_gone():
-                    p.kill()
-        self.proc.wait(30)
-
-
-class _suppress_gone:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, psutil.NoSuchProcess)
 
 
 def children(client: MlflowClient, experiment: str = "faults") -> dict[str, object]:
