@@ -33,9 +33,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
+# Two test processes (pytest-xdist): the Ray scenarios wait on process starts much of the time; one file per process
+# at a time, the longest first (tests/conftest.py). ARGS="-n 0" runs them in this process.
 test: $(STAMP) browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -7,18 +7,18 @@ before its forward (and again for its backward), and its gradients reduce-scatte
 built after sharding, so it holds (and steps) only this rank's shards.
 
 Pure PyTorch: `torch.distributed.fsdp.fully_shard` on an explicit 1-D device mesh (``"cpu"`` with gloo, where a
-default CUDA mesh would not do, or ``"cuda"`` with NCCL).
+default CUDA mesh would not do, or ``"cuda"`` with NCCL). FSDP and DTensor are imported by `shard_model` only
+(~0.5 s of imports that every other job, and every Ray Train worker start, is spared): until then no model or tensor
+can be one of theirs.
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from gptcore.config import ConfigError
 from gptcore.model import GPT
@@ -69,6 +69,9 @@ def shard_model(model: GPT, *, device: torch.device, dtype: torch.dtype | None, 
             f"train.precision: {dtype} is not supported with train.parallel=fsdp (fp16 needs a gradient scaler "
             "FSDP does not take here); set train.precision=bf16 or fp32"
         )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (world,))
     # Block inputs stay as they are (cast_forward_inputs=False): the RoPE tables must keep fp32.
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -79,18 +82,24 @@ def shard_model(model: GPT, *, device: torch.device, dtype: torch.dtype | None, 
     return model
 
 
+def _instance_of(value: object, module: str, name: str) -> bool:
+    """``isinstance(value, module.name)``, False without importing ``module`` when nothing has imported it yet."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, getattr(loaded, name))
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` (or the model a compile wrapper holds) is sharded with FSDP2."""
-    return isinstance(getattr(model, "_orig_mod", model), FSDPModule)
+    return _instance_of(getattr(model, "_orig_mod", model), "torch.distributed.fsdp", "FSDPModule")
 
 
 def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
     """Reduce-scatter gradients in the next backward (``sync``) or keep accumulating them unsharded."""
     model = getattr(model, "_orig_mod", model)
-    if isinstance(model, FSDPModule):
+    if is_sharded(model):
         model.set_requires_gradient_sync(sync)
 
 
 def full_value(value: torch.Tensor) -> torch.Tensor:
     """A plain tensor: a DTensor's full value (a collective for sharded ones), anything else as it is."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    return value.full_tensor() if _instance_of(value, "torch.distributed.tensor", "DTensor") else value

@@ -197,11 +197,11 @@ class MlflowLogging(Hooks):
         self.logger.log_metrics({k: metrics[k] for k in keys if k in metrics}, step=state.step)
         if sample is not None:
             self.logger.log_text(sample + "\n", f"samples/step_{state.step:06d}.txt")
-        if not self.logger.outage:
-            # Deliver every step up to this evaluation before RayReporter reports it. A scheduler may stop the trial
-            # on this report, killing the worker with whatever is still queued; and a worker lost after a checkpoint
-            # resumes from it, skipping the steps it retrains as already logged. So none may be left unsent.
-            self.logger.flush(timeout=10)
+        # Deliver every step up to this evaluation before RayReporter reports it. A scheduler may stop the trial on
+        # this report, killing the worker with whatever is still queued; and a worker lost after a checkpoint resumes
+        # from it, skipping the steps it retrains as already logged. So none may be left unsent, unless the store is
+        # down: then training goes on (what is queued is delivered when it is back).
+        self.logger.flush(timeout=10, unless_outage=True)
 
     def on_train_end(self, ctx, state, result: TrainResult) -> None:
         self.logger.log_metrics(

@@ -325,13 +325,16 @@ class RunLogger:
         """True while the store is unreachable (items are being buffered)."""
         return self._outage_since is not None
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything queued is delivered (or ``timeout``); True when nothing is left."""
+    def flush(self, timeout: float = 30.0, *, unless_outage: bool = False) -> bool:
+        """Wait until everything queued is delivered (or ``timeout``; or, with ``unless_outage``, until the store is
+        found unreachable: training need not wait for it); True when nothing is left."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 if not self._pending:
                     return True
+            if unless_outage and self.outage:
+                return False
             self._wake.set()
             time.sleep(0.05)
         return False

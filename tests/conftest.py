@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,3 +47,56 @@ def studies(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("studies")
     return work, run_studies(work)
+
+
+# --------------------------------------------------------------------------- two test processes (pytest-xdist)
+# `make test` runs `pytest -n 2`: the Ray scenarios spend much of their time waiting on process starts and sockets, so
+# two run at once, and the fast tests fill the gaps. A test file is sent whole to one process (its module fixtures
+# run once); files that share a session fixture go together. The longest files go first (their `--durations` here),
+# so that neither process is left with a long one at the end.
+SAME_PROCESS = {"tests/test_mlflow_models.py": "tests/test_studies.py"}  # both read the `studies` fixture
+LONGEST_FIRST = [
+    "tests/test_studies.py",  # every experiment file on a shared cluster, ~230 s with test_mlflow_models.py
+    "tests/test_mlflow_models.py",
+    "tests/test_interrupted.py",  # three drivers, each with its local Ray, ~110 s
+    "tests/test_faults.py",  # ~75 s
+    "tests/test_tracking_outage.py",  # ~60 s
+    "tests/test_scale_out.py",  # ~55 s
+    "tests/test_fsdp.py",  # spawned ranks, ~30 s
+]
+
+
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, the longest files first; each process collects the same order, the work queue follows it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def rank(item: pytest.Item) -> int:
+        file = _file_of(item.nodeid)
+        return LONGEST_FIRST.index(file) if file in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank(item), order[id(item)]))
+
+
+if importlib.util.find_spec("xdist"):
+    from xdist.scheduler import LoadFileScheduling
+
+    class _FileScheduling(LoadFileScheduling):
+        """``--dist loadfile``, with the files of `SAME_PROCESS` as one unit of work, sent in collection order."""
+
+        def __init__(self, config: pytest.Config, log=None) -> None:
+            super().__init__(config, log)
+            config.option.loadscopereorder = False  # not by test count: `LONGEST_FIRST` has ordered the collection
+
+        def _split_scope(self, nodeid: str) -> str:
+            file = _file_of(nodeid)
+            return SAME_PROCESS.get(file, file)
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling:
+        return _FileScheduling(config, log)

@@ -1,9 +1,9 @@
-"""Faults injected for real: killed Ray Train workers, diverging trials, interrupted drivers, a lost MLflow
-server and processes killed while writing a checkpoint. Sweeps run through the CLI in a subprocess."""
+"""Faults injected for real: killed Ray Train workers, a diverging trial, a trial that keeps failing, and processes
+killed while writing a checkpoint. Sweeps run through the CLI in a subprocess (`tests.faults`). The interrupted driver
+and the lost MLflow server: tests/test_interrupted.py, test_tracking_outage.py."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import signal
@@ -15,74 +15,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from gptcore.checkpoint import load_checkpoint, load_model
-from gptcore.sampling import generate_text
+from gptcore.checkpoint import load_checkpoint
+from tests.faults import REPO, TOKENS_PER_STEP, assert_generates, children, steps_of, write_experiment
 from tests.servers import Cli, psutil
 
-REPO = Path(__file__).resolve().parents[1]
 ray_test = pytest.mark.ray
-
-# A small model that trains ~20 steps/s here: slow enough to be hit mid-way, fast enough for the suite.
-EXPERIMENT = """
-from orchestrator import Experiment, grid
-
-EXPERIMENT = Experiment(
-    name="faults",
-    corpus="the-verdict",
-    model="micro",
-    model_overrides={{"d_model": 256, "n_heads": 4, "n_layers": 2}},
-    train={{"batch_size": 2, "epochs": 50, "max_steps": {steps}, "eval_every": {every}, "checkpoint_every": {every},
-           "eval_iters": 1, "sample_max_new_tokens": {sample_tokens}, "lr_schedule": "constant"}},
-    grid={grid},
-    max_concurrent={concurrent},
-    max_failures={max_failures},
-)
-"""
-TOKENS_PER_STEP = 2 * 32  # batch_size x context_length of the micro preset
-
-
-def write_experiment(
-    work: Path,
-    *,
-    steps: int,
-    every: int,
-    grid: str,
-    concurrent: int | None = None,
-    max_failures: int = 2,
-    sample_tokens: int = 0,
-) -> Path:
-    """``faults.py``: evaluations and checkpoints every ``every`` steps (and a sample of ``sample_tokens`` tokens)."""
-    path = work / "faults.py"
-    text = EXPERIMENT.format(
-        steps=steps,
-        every=every,
-        grid=grid,
-        concurrent=concurrent,
-        max_failures=max_failures,
-        sample_tokens=sample_tokens,
-    )
-    path.write_text(text)
-    return path
-
-
-def children(client: MlflowClient, experiment: str = "faults") -> dict[str, object]:
-    """The sweep's child runs by trial name (asserting one parent run)."""
-    exp = client.get_experiment_by_name(experiment)
-    parents = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
-    assert len(parents) == 1, [p.info.run_name for p in parents]
-    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    names = [k.data.tags["orchestrator.trial"] for k in kids]
-    assert len(names) == len(set(names)), f"duplicated child runs: {sorted(names)}"
-    return {k.data.tags["orchestrator.trial"]: k for k in kids}
-
-
-def steps_of(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def assert_generates(checkpoint: str) -> None:
-    model, _ = load_model(checkpoint)
-    assert generate_text(model, "Every effort moves you", 4)[0].startswith("Every effort moves you")
 
 
 # --------------------------------------------------------------------------- checkpoint writes (no Ray)
@@ -265,126 +202,3 @@ def test_a_trial_that_keeps_failing_fails_the_sweep_and_the_report_shows_it(kill
     report = Path(client.download_artifacts(parent.info.run_id, "report/results.md", str(work / "dl"))).read_text()
     row = next(line for line in report.splitlines() if "| 002_lr=0.0003 |" in line)
     assert "failed" in row
-
-
-# --------------------------------------------------------------------------- an interrupted driver
-
-
-@pytest.fixture(scope="module")
-def interrupted_sweep(tmp_path_factory):
-    """Two trials one at a time: SIGINT during trial 001, --resume, SIGKILL (driver and its Ray) during trial 001
-    again, --resume again to the end. Returns the work folder, each run's (exit code, output), and the MLflow client."""
-    work = tmp_path_factory.mktemp("interrupted")
-    write_experiment(work, steps=60, every=20, grid='{"train.lr": grid(4e-4, 3e-4)}', concurrent=1)
-    first = Cli(["run", "faults.py"], work)
-    try:
-        first.wait_for(r"\[000_lr=0.0004\] finished after 60 steps")
-        first.wait_for(r"\[001_lr=0.0003\] step 20/60")
-        first.proc.send_signal(signal.SIGINT)
-        first_rc = first.finish()
-    finally:
-        if first.proc.poll() is None:
-            first.kill_tree()
-    second = Cli(["run", "faults.py", "--resume"], work)
-    try:
-        second.wait_for(r"\[001_lr=0.0003\] step 40/60")  # a checkpoint (step 20 or 40) is registered by now
-        second.kill_tree()  # SIGKILL: no chance to save anything
-    finally:
-        if second.proc.poll() is None:
-            second.kill_tree()
-    third = Cli(["run", "faults.py", "--resume"], work)
-    third_rc = third.finish()
-    runs = [(first_rc, first.output()), (second.proc.returncode, second.output()), (third_rc, third.output())]
-    return work, runs, MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
-
-
-@ray_test
-def test_sigint_stops_the_sweep_and_says_how_to_resume(interrupted_sweep):
-    _, runs, _ = interrupted_sweep
-    rc, out = runs[0]
-    assert rc == 130, out[-4000:]
-    assert "The sweep was interrupted; finish it with: python -m orchestrator run faults.py --resume" in out
-
-
-@ray_test
-def test_resume_after_sigint_and_sigkill_trains_only_unfinished_trials(interrupted_sweep):
-    _, runs, client = interrupted_sweep
-    (_, first), (_, second), (rc, third) = runs
-    assert rc == 0, third[-4000:]
-    # trial 000 finished in the first run and is never trained again
-    assert "[000_lr=0.0004] finished" in first
-    assert "[000_lr=0.0004]" not in second + third
-    kids = children(client)  # one child run per trial: reused on --resume, not duplicated
-    assert sorted(kids) == ["000_lr=0.0004", "001_lr=0.0003"]
-    for name, run in kids.items():
-        assert run.data.tags["orchestrator.status"] == "finished", name
-        assert run.info.status == "FINISHED", name
-        assert steps_of(client, run.info.run_id) == list(range(1, 61)), name  # every step once
-    assert re.search(r"\[001_lr=0.0003\] .*resumed from step [24]0", third)  # from its checkpoint, not from scratch
-    assert "Results of sweep faults-" in third
-
-
-# --------------------------------------------------------------------------- the MLflow server
-
-
-def test_unreachable_tracking_server_fails_before_anything_starts(tmp_path):
-    from tests.servers import free_port
-
-    write_experiment(tmp_path, steps=4, every=2, grid='{"train.lr": grid(4e-4)}')
-    uri = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", "faults.py", "--tracking-uri", uri],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    message = proc.stderr.strip().splitlines()
-    assert len(message) == 1 and uri in message[0] and "unreachable" in message[0].lower(), proc.stderr
-    assert not (tmp_path / "ray_results").exists()  # no sweep state, no Ray
-
-
-@ray_test
-def test_tracking_server_lost_mid_run(tmp_path):
-    """The MLflow server dies a second into training and comes back ~8 s later: training steps go on meanwhile
-    (measured by the time stamps of the logged losses), and every metric and sample text logged during the outage
-    arrives afterwards; the run's ``tracking_gap`` tag says how long the store was gone and how much came late."""
-    from tests.servers import free_port, mlflow_server
-
-    write_experiment(tmp_path, steps=200, every=50, grid='{"train.lr": grid(4e-4)}', sample_tokens=4)
-    port, server_dir = free_port(), tmp_path / "server"
-    server_dir.mkdir()
-    with contextlib.ExitStack() as stack:
-        uri = stack.enter_context(mlflow_server(server_dir, port))
-        cli = Cli(["run", "faults.py", "--tracking-uri", uri], tmp_path)
-        try:
-            cli.wait_for(r"\[000_lr=0.0004\] 200 steps")
-            time.sleep(1.0)
-            stack.close()  # the server is gone
-            down = time.time()
-            cli.wait_for(r"tracking store unreachable", timeout=60)
-            time.sleep(5)
-            up = time.time()
-            stack.enter_context(mlflow_server(server_dir, port))  # back, same store
-            rc = cli.finish()
-        finally:
-            if cli.proc.poll() is None:
-                cli.kill_tree()
-        out = cli.output()
-        assert rc == 0, out[-4000:]
-        client = MlflowClient(uri)
-        run = children(client)["000_lr=0.0004"]
-        assert run.data.tags["orchestrator.status"] == "finished"
-        losses = client.get_metric_history(run.info.run_id, "loss")
-        assert sorted(m.step for m in losses) == list(range(1, 201))  # buffered during the outage, none lost
-        during = sorted(m.step for m in losses if down * 1000 <= m.timestamp <= up * 1000)
-        assert len(during) >= 10, f"{len(during)} steps while the server was down: {during}"
-        samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-        assert samples == [f"samples/step_{step:06d}.txt" for step in (50, 100, 150, 200)]
-        assert {50, 100, 150, 200} & set(during), during  # some of them were written while the server was gone
-        gap = re.match(
-            r"tracking store unreachable for (\d+)s from \S+; (\d+) buffered batches delivered late, none lost",
-            run.data.tags["tracking_gap"],
-        )
-        assert gap and int(gap.group(1)) >= 5 and int(gap.group(2)) >= 1, run.data.tags["tracking_gap"]

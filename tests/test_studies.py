@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.faults import TOKENS_PER_STEP, assert_generates
 from tests.servers import free_port, stop
 from tests.studies import FSDP_EVERY, FSDP_STEPS, FSDP_TRIAL, REPO, STOPPED, STUDIES, TRIALS, sweep_runs
-from tests.test_faults import TOKENS_PER_STEP, assert_generates
 
 pytestmark = pytest.mark.ray
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
