@@ -95,9 +95,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
     """Reduce-scatter gradients in the next backward (``sync``) or keep accumulating them unsharded."""
-    model = getattr(model, "_orig_mod", model)
     if is_sharded(model):
-        model.set_requires_gradient_sync(sync)
+        getattr(model, "_orig_mod", model).set_requires_gradient_sync(sync)
 
 
 def full_value(value: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import absolute_uri, default_tracking_uri
+    from orchestrator.tracking import absolute_uri, default_tracking_uri, mlflow_server_env
 
     uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.expose:
@@ -186,16 +186,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def mlflow_server_env() -> dict[str, str]:
-    """The environment for ``mlflow server``: without its job runner unless the user asks for it.
-
-    MLflow 3 starts a job runner and 7 Huey consumers beside the UI (for GenAI evaluation jobs, which training runs
-    never use): 8 more Python processes, ~25 CPU-seconds at every start. ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true``
-    brings them back.
-    """
-    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
 
 
 class _Stopped(Exception):

@@ -109,8 +109,9 @@ def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     port = port or free_port()
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     command += ["--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "art")]
-    no_jobs = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: 8 processes fewer (`mlflow_server_env`)
-    with _serve(command, port, tmp / "mlflow-server.log", env=no_jobs, timeout=120):
+    from orchestrator.tracking import mlflow_server_env  # as `orchestrator ui` starts it: no job runner
+
+    with _serve(command, port, tmp / "mlflow-server.log", env=mlflow_server_env(), timeout=120):
         yield f"http://127.0.0.1:{port}"
 
 
