@@ -175,7 +175,9 @@ def ray_cluster(tmp: Path, workers: int = 1, head_cpus: int = 1) -> Iterator[Ray
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     cluster = RayCluster(address, env)
     try:
-        head = ["--head", "--port", str(port), "--include-dashboard", "false"]
+        # a port of its own for the dashboard it does not start: `ray start` still refuses a taken 8265 (another test's
+        # local Ray, in the other test process)
+        head = ["--head", "--port", str(port), "--include-dashboard", "false", "--dashboard-port", str(free_port())]
         _ray_start(cluster, [*head, "--ray-client-server-port", str(free_port())], "head", tmp, head_cpus)
         _wait_for_port(port, cluster.nodes["head"], tmp / "ray-head.log", 60)
         for i in range(1, workers + 1):

@@ -16,6 +16,7 @@ from tests.faults import children, write_experiment
 from tests.servers import Cli
 
 ray_test = pytest.mark.ray
+EVALUATION = r"\[000_lr=0.0004\] step \d+/200"  # the progress line of an evaluation (every 50 steps, with a sample)
 
 
 def test_unreachable_tracking_server_fails_before_anything_starts(tmp_path):
@@ -52,10 +53,13 @@ def test_tracking_server_lost_mid_run(tmp_path):
         try:
             cli.wait_for(r"\[000_lr=0.0004\] 200 steps")
             time.sleep(1.0)
+            evaluations = len(re.findall(EVALUATION, cli.output()))
             stack.close()  # the server is gone
             down = time.time()
             cli.wait_for(r"tracking store unreachable", timeout=60)
             time.sleep(5)
+            # and stays gone until an evaluation (its sample text) has been written meanwhile, however slow the machine
+            cli.wait_for(rf"(?s)(?:{EVALUATION}.*?){{{evaluations + 1}}}")
             up = time.time()
             stack.enter_context(mlflow_server(server_dir, port))  # back, same store
             rc = cli.finish()
