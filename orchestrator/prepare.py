@@ -161,8 +161,7 @@ def prepare(plan: CorpusPlan, storage: str, *, out: TextIO | None = None) -> str
                 results.append(GroupResult(**ray.get(ref)))
                 progress.update(results)
     except ray.exceptions.RayTaskError as exc:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        _stop(list(pending))
         if isinstance(exc.cause, DataError):
             remove_dataset(location)  # bad input: nothing half-written is left
             raise DataError(str(exc.cause)) from None
@@ -170,6 +169,17 @@ def prepare(plan: CorpusPlan, storage: str, *, out: TextIO | None = None) -> str
     _write_manifest(plan, location, results)
     progress.done(results)
     return location
+
+
+def _stop(refs: list) -> None:
+    """Cancel the tasks of ``refs`` and wait until none runs any more: a task still running after the clean-up would
+    write its shards into the folder just removed."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=60.0)
 
 
 def _write_manifest(plan: CorpusPlan, location: str, results: list[GroupResult]) -> None:

@@ -329,19 +329,42 @@ def worker_env(local: bool) -> dict[str, str]:
 
 
 def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
-    """Join the Ray cluster at ``address``, or start a local one; ``dashboard``: a local Ray with its dashboard
-    (Ray Train's placement-group cleanup reads actor states through it; `prepare`'s tasks need none)."""
+    """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``, as in a Ray job), or start a local one;
+    ``dashboard``: a local Ray with its dashboard (Ray Train's placement-group cleaner reads actor states through it;
+    `prepare`'s tasks need none).
+
+    Every Ray process is told which Ray is its own: without it, the placement-group cleaner finds "the" Ray on this
+    machine, and with two (two sweeps at once) it fails, or asks the other one, is told its controller does not
+    exist, and removes the running trial's placement group."""
     import ray
 
-    runtime_env = {"env_vars": worker_env(local=on_one_machine(address))}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env = worker_env(local=on_one_machine(address))
     if address:
         _check_address(address)
+        if on_one_machine(address) and "://" not in address:
+            env["RAY_ADDRESS"] = address
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         except ConnectionError as exc:
             raise SweepError(f"cannot join the Ray cluster at {address}: {exc}") from None
-    else:
-        ray.init(runtime_env=runtime_env, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+    else:  # the dashboard on a port of its own: Ray's 8265 may be another local Ray's
+        port = _free_port() if dashboard else None
+        if port is not None:
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(
+            runtime_env={"env_vars": env},
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=True,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def resolve_gpu(use_gpu: bool | str, wait_for_resources: bool = False) -> bool:
