@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gptcore.cache import atomic_write_bytes, cache_dir
 from gptcore.config import DataConfig, JobConfig
 from gptcore.shards import (
     TEXT_SUFFIXES,
@@ -42,7 +42,6 @@ from gptcore.shards import (
 )
 
 MIRROR_ENV = "GPTCORE_DATA_DIR"  # a folder holding copies of the named corpora (offline use, CI)
-CACHE_ENV = "GPTCORE_CACHE_DIR"  # downloads and token cache; default ~/.cache/gptcore
 GROUP_BYTES = 128 << 20  # input bytes per preparation task
 
 
@@ -65,25 +64,6 @@ CORPORA: dict[str, NamedCorpus] = {
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     ),
 }
-
-
-def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gptcore"
-    return Path(os.environ.get(CACHE_ENV) or default).expanduser().absolute()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(data: bytes) -> str:

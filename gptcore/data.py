@@ -1,4 +1,5 @@
-"""The windows and batches training reads from a prepared corpus (`gptcore.corpus`, whose names it re-exports).
+"""The windows and batches training reads from a prepared corpus (`gptcore.corpus` and `gptcore.cache`, whose names
+it re-exports).
 
 `build_datasets` opens a prepared dataset's splits as `SlidingWindowDataset`s; `make_loader` batches them in an
 epoch order every rank agrees on (`EpochOrder`, `GlobalBatches`).
@@ -15,15 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gptcore.cache import CACHE_ENV, cache_dir
 from gptcore.config import JobConfig
 from gptcore.corpus import (
-    CACHE_ENV,
     GROUP_BYTES,
     MIRROR_ENV,
     PARTS,
     CorpusPlan,
     NamedCorpus,
-    cache_dir,
     check_split_length,
     check_windows,
     dataset_folder,

@@ -13,27 +13,23 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+# Bad input: `main` prints the message of these as one line and exits 2 (module -> class).
+USER_ERRORS = {
+    "gptcore.checkpoint": "CheckpointError",
+    "gptcore.config": "ConfigError",
+    "gptcore.shards": "DataError",
+    "orchestrator.experiment": "ExperimentError",
+    "orchestrator.results": "ReportError",
+    "orchestrator.storage": "StorageError",
+    "orchestrator.sweep": "SweepError",
+    "orchestrator.tracking": "TrackingError",
+}
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from gptcore.checkpoint import CheckpointError
-    from gptcore.config import ConfigError
-    from gptcore.shards import DataError
-    from orchestrator.experiment import ExperimentError
-    from orchestrator.results import ReportError
-    from orchestrator.storage import StorageError
-    from orchestrator.sweep import SweepError
-    from orchestrator.tracking import TrackingError
-
-    return (
-        CheckpointError,
-        ConfigError,
-        DataError,
-        ExperimentError,
-        ReportError,
-        StorageError,
-        SweepError,
-        TrackingError,
-    )
+    """The bad-input errors of the modules loaded: one can only be raised once its module is (and a run that stops at
+    bad input does not import torch to catch an error torch's modules never raised)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
 
 
 # --------------------------------------------------------------------------- run
@@ -41,7 +37,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.experiment import load_experiment, parse_overrides
-    from orchestrator.report import write_report
     from orchestrator.sweep import (
         SweepOptions,
         describe_plan,
@@ -80,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(describe_plan(plan or make_plan(experiment, options), options))
         return 0
     outcome = run_sweep(experiment, options, plan=plan, wait_for_resources=args.wait_for_resources)
+    from orchestrator.report import write_report  # matplotlib: not for a run that stops at bad input
+
     report = write_report(outcome.tracking_uri, outcome.experiment, outcome.sweep_id)
     print(f"\nResults of sweep {outcome.sweep_id} ({report['ranking']}):\n{report['table']}")
     print(f"\nMLflow: python -m orchestrator ui{_uri_flag(args.tracking_uri)}  (parent run {outcome.parent_run_id})")

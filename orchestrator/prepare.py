@@ -23,11 +23,11 @@ from typing import TextIO
 
 import pyarrow.fs as pafs
 
+from gptcore.cache import cache_dir
 from gptcore.config import JobConfig
 from gptcore.corpus import (
     PARTS,
     CorpusPlan,
-    cache_dir,
     finish_dataset,
     locked,
     plan_corpus,

@@ -21,8 +21,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from gptcore.cache import CACHE_ENV, cache_dir
 from gptcore.config import JobConfig, nest
-from gptcore.corpus import CACHE_ENV, MIRROR_ENV, cache_dir, check_windows, plan_corpus
+from gptcore.corpus import MIRROR_ENV, check_windows, plan_corpus
 from gptcore.shards import Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows, resolve_checkpoints
 from orchestrator.decode_trial import decode_trainable
@@ -247,6 +248,8 @@ def prepare_data(trials: list[Trial], storage: str) -> dict[str, tuple[str, Mani
 
 def check_init(trials: list[Trial]) -> None:
     """Check that each local ``train.init_from`` checkpoint fits its trial's model (headers only, no weights)."""
+    if all(trial.job.train.init_from == "scratch" for trial in trials):
+        return  # (no torch to import)
     from gptcore.checkpoint import META_FILE, CheckpointError, check_fits, init_source_kind
     from gptcore.pretrained import check_compatible, config_from_pretrained
 

@@ -1,4 +1,5 @@
-"""The Tune trial: build a `TorchTrainer` for one grid point and run it to the end.
+"""The Tune trial: build a `TorchTrainer` (`orchestrator.ray_trainer.ShardTrainer`) for one grid point and run it
+to the end.
 
 Runs in a Tune trial actor; module-level imports stay light (the actor unpickles this function).
 The trial's MLflow child run is created by the driver beforehand; workers log to it.
@@ -15,16 +16,16 @@ if TYPE_CHECKING:
 def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: SweepSettings) -> None:
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from orchestrator.ray_trainer import ShardTrainer
     from orchestrator.storage import join_uri
     from orchestrator.worker import train_loop_per_worker
 
     name = config["trial"]
     spec = specs[name]
     gpu = bool(settings.use_gpu)
-    trainer = TorchTrainer(
+    trainer = ShardTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": spec["config"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import S3_ENV, RayCluster, enter_concurrently, mlflow_server, moto_s3, ray_cluster, stop
+from tests.servers import S3_ENV, RayCluster, enter_concurrently, mlflow_server, moto_s3, psutil, ray_cluster, stop
 
 pytestmark = pytest.mark.ray
 
@@ -55,6 +56,7 @@ class ScaleOut:
     endpoint: str
     worker_nodes: list[str]  # the node of each Ray Train worker, seen when one was killed
     killed_node: str
+    actors: set[str]  # the kinds of Ray actor alive then (ray::TrainController, ...)
 
 
 def _registered_checkpoint(fs: pafs.FileSystem) -> bool:
@@ -69,18 +71,28 @@ def _registered_checkpoint(fs: pafs.FileSystem) -> bool:
 
 
 def kill_worker_after_first_checkpoint(cluster: RayCluster, sweep: subprocess.Popen, timeout: float = 240):
-    """SIGKILL the Ray Train worker on node1 once a checkpoint is in the bucket; returns (workers' nodes, killed)."""
+    """SIGKILL the Ray Train worker on node1 once a checkpoint is in the bucket; returns (workers' nodes, killed,
+    the kinds of actor then alive)."""
     fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and sweep.poll() is None:
         if _registered_checkpoint(fs):
+            actors = _actor_kinds(cluster)
             workers = cluster.processes("ray::RayTrainWorker")
             nodes = sorted(cluster.node_of(p.pid) or "?" for p in workers)
             victim = next(p for p in workers if cluster.node_of(p.pid) == "node1")
             victim.send_signal(signal.SIGKILL)
-            return nodes, "node1"
+            return nodes, "node1", actors
         time.sleep(0.2)
     raise AssertionError(f"no checkpoint in s3://{BUCKET}/sweeps before the sweep ended (exit {sweep.poll()})")
+
+
+def _actor_kinds(cluster: RayCluster) -> set[str]:
+    kinds = set()
+    for proc in cluster.processes("ray::"):
+        with contextlib.suppress(psutil.Error):
+            kinds.add(re.search(r"ray::\w+", " ".join(proc.cmdline()))[0])
+    return kinds
 
 
 @pytest.fixture(scope="module")
@@ -106,14 +118,14 @@ def scale_out(tmp_path_factory):
                 stderr=err,
             )
         try:
-            worker_nodes, killed = kill_worker_after_first_checkpoint(cluster, sweep)
+            worker_nodes, killed, actors = kill_worker_after_first_checkpoint(cluster, sweep)
             sweep.wait(timeout=300)
         finally:
             stop(sweep)
         stdout, stderr = (work / "run.out").read_text(), (work / "run.err").read_text()
         if sweep.returncode != 0:
             print(stdout[-5000:], stderr[-5000:])
-        yield ScaleOut(work, sweep.returncode, stdout, stderr, tracking_uri, endpoint, worker_nodes, killed)
+        yield ScaleOut(work, sweep.returncode, stdout, stderr, tracking_uri, endpoint, worker_nodes, killed, actors)
 
 
 def runs(result: ScaleOut):
@@ -127,6 +139,9 @@ def runs(result: ScaleOut):
 def test_sweep_finishes_on_two_nodes_after_a_worker_is_killed(scale_out):
     assert scale_out.returncode == 0, scale_out.stderr[-3000:]
     assert scale_out.worker_nodes == ["head", "node1"]  # one Ray Train worker per node
+    # a trial starts Ray Train's actors but no Ray Data `DatasetManager` (`orchestrator.ray_trainer.ShardTrainer`)
+    assert {"ray::TrainController", "ray::RayTrainWorker"} <= scale_out.actors, scale_out.actors
+    assert "ray::DatasetManager" not in scale_out.actors, scale_out.actors
     assert "Connected to Ray cluster" in scale_out.stderr
     assert f"{STEPS} steps (18/epoch), 144 train / 16 val windows, 2 worker(s) on cpu" in scale_out.stdout
     assert "resumed from step 18" in scale_out.stdout
