@@ -352,6 +352,9 @@ def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
         except ConnectionError as exc:
             raise SweepError(f"cannot join the Ray cluster at {address}: {exc}") from None
     else:  # the dashboard on a port of its own: Ray's 8265 may be another local Ray's
+        # Ray starts a worker per CPU for the first driver, to no use here (the trial's actors never took one): idle
+        # processes of ~0.6 CPU-s each
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         port = _free_port() if dashboard else None
         if port is not None:
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"

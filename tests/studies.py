@@ -111,7 +111,7 @@ def run_killing_rank_1(work: Path, experiment: str, sets: list[str], cluster: Ra
 # best checkpoint it samples; the FSDP study runs last and alone, on a cluster of its own (it takes both CPUs, and
 # its rank 1 is found as the only other Ray Train worker).
 SIDE_LANE = ("posemb_sweep", "freeze_embeddings", "warmstart_vs_scratch", "full_grid")
-MODELS = "models"  # the stride sweep of one trial (data.stride=64) whose model tests/test_mlflow_models.py registers
+MODELS = "full_grid"  # the one-trial sweep whose registered model tests/test_mlflow_models.py reads and serves
 
 
 def lane_folder(work: Path, experiment: str) -> Path:
@@ -119,7 +119,7 @@ def lane_folder(work: Path, experiment: str) -> Path:
 
 
 def run_studies(work: Path) -> dict[str, tuple[int, str]]:
-    """Run every study (and the registry's sweep, `MODELS`) on one cluster in ``work``; {name: (exit code, output)}."""
+    """Run every study on one cluster in ``work``; {name: (exit code, output)}."""
     (work / "side").mkdir()
     hf = tiny_hf_gpt2(work / "hf-gpt2-micro")
     sets = {name: TINY + [item.format(hf=hf) for item in extra] for name, extra in STUDIES.items()}
@@ -138,10 +138,7 @@ def run_studies(work: Path) -> dict[str, tuple[int, str]]:
             return done
 
         def side_lane() -> dict[str, tuple[int, str]]:
-            done = {name: study(name) for name in SIDE_LANE}
-            (work / MODELS).mkdir()
-            done[MODELS] = study(MODELS, "stride_sweep", [*TINY, "data.stride=64"])
-            return done
+            return {name: study(name) for name in SIDE_LANE}
 
         with ThreadPoolExecutor(2) as pool:
             lanes = [pool.submit(main_lane), pool.submit(side_lane)]
@@ -155,8 +152,11 @@ def run_studies(work: Path) -> dict[str, tuple[int, str]]:
 
 
 def sweep_runs(work: Path, experiment: str):
+    """The sweep's MLflow client, parent run and child runs by trial name (sweeps recorded by hand in the same
+    experiment, as tests/test_mlflow_models.py does, are not its)."""
     client = MlflowClient(f"sqlite:///{lane_folder(work, experiment) / 'mlruns.db'}")
     exp = client.get_experiment_by_name(experiment)
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
+    query = f"tags.`orchestrator.role` = 'sweep' and tags.`orchestrator.sweep_id` LIKE '{experiment}-%'"
+    (parent,) = client.search_runs([exp.experiment_id], query)
     kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return client, parent, {k.data.tags["orchestrator.trial"]: k for k in kids}

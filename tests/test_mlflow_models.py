@@ -1,5 +1,5 @@
-"""MLflow as its users expect (issue 16), against real MLflow, from ONE tiny sweep (stride_sweep, one micro trial, run
-with the studies: `tests.studies.MODELS`):
+"""MLflow as its users expect (issue 16), against real MLflow, from ONE tiny sweep of the studies (full_grid narrowed
+to one micro trial: `tests.studies.MODELS`):
 source tags and config.json on its runs, the experiment's description, the best model registered as a pyfunc whose
 greedy text is ``orchestrator sample``'s, a worse sweep that does not move ``best``, ``mlflow models serve`` answering
 a REST call, system metrics on the trial run, and ``register``'s bad input."""
@@ -20,25 +20,26 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from tests.servers import BIN, _serve, free_port
-from tests.studies import MODELS
+from tests.studies import MODELS, lane_folder
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT_FILE = REPO / "experiments" / "stride_sweep.py"
-NAME = "stride_sweep"
+EXPERIMENT_FILE = REPO / "experiments" / f"{MODELS}.py"
+NAME = MODELS
 PROMPT, NEW_TOKENS = "Every effort moves you", 8
 
 
 @pytest.fixture(scope="module")
 def sweep(studies):
-    """The studies' one-trial stride sweep (`tests.studies.MODELS`: its own work folder, SQLite store and artifacts);
+    """The studies' one-trial sweep `tests.studies.MODELS` (its lane's work folder, SQLite store and artifacts);
     (work, uri, client, output)."""
     work, outcomes = studies
     rc, output = outcomes[MODELS]
     assert rc == 0, output[-4000:]
-    uri = f"sqlite:///{work / MODELS / 'mlruns.db'}"
-    return work / MODELS, uri, MlflowClient(uri), output
+    folder = lane_folder(work, MODELS)
+    uri = f"sqlite:///{folder / 'mlruns.db'}"
+    return folder, uri, MlflowClient(uri), output
 
 
 def _runs(client: MlflowClient, role: str) -> list:
@@ -72,20 +73,20 @@ def test_runs_follow_mlflow_conventions(sweep):
         assert tags["mlflow.source.type"] == "LOCAL"
         assert tags["mlflow.source.git.commit"] == commit
     note = parent.data.tags["mlflow.note.content"]
-    assert "1 trial(s) of stride_sweep over data.stride in 256, 128" in note and "data.stride=64" in note
+    assert "1 trial(s) of full_grid over data.stride in 64, 32; model.pos_emb in " in note and "data.stride=32" in note
     config = json.loads(Path(client.download_artifacts(child.info.run_id, "config.json", str(sweep[0]))).read_text())
     assert config["model"]["n_layers"] == int(child.data.params["model.n_layers"])
-    assert config["data"]["stride"] == 64 and config["train"]["max_steps"] == 4
+    assert config["data"]["stride"] == 32 and config["train"]["max_steps"] == 4
 
 
 def test_best_model_predicts_like_sample(sweep):
     """The sweep registered its best checkpoint as version 1 with alias best, linked to the trial's run; the pyfunc
-    loaded from models:/stride_sweep@best generates, greedily, the text `orchestrator sample` prints."""
+    loaded from models:/full_grid@best generates, greedily, the text `orchestrator sample` prints."""
     import mlflow
     import pandas as pd
 
     work, uri, client, output = sweep
-    assert "registered stride_sweep version 1" in output, output[-2000:]
+    assert f"registered {NAME} version 1" in output, output[-2000:]
     (child,) = _runs(client, "trial")
     version = client.get_model_version_by_alias(NAME, "best")
     assert str(version.version) == "1" and version.run_id == child.info.run_id
@@ -110,7 +111,7 @@ def _fake_sweep(client: MlflowClient, sweep_id: str, *, checkpoint: str, val_los
 
     tracker = SweepTracker(client._tracking_client.tracking_uri, NAME)
     parent = tracker.parent_run(sweep_id, params={}, tags={"orchestrator.kind": "train"})
-    run = tracker.child_run(parent, sweep_id, "000_stride=64", params={}, tags={"best_checkpoint": checkpoint})
+    run = tracker.child_run(parent, sweep_id, "000_by_hand", params={}, tags={"best_checkpoint": checkpoint})
     tracker.client.log_batch(run, metrics=[Metric("val_loss", val_loss, 0, 2)])
     tracker.finish(run, status)
     tracker.finish(parent, "finished")
@@ -154,7 +155,7 @@ def test_register_refuses_bad_input(sweep):
 
 
 def test_mlflow_models_serve_answers_rest(sweep):
-    """`mlflow models serve -m models:/stride_sweep@best --env-manager local` on 127.0.0.1 answers an invocations
+    """`mlflow models serve -m models:/full_grid@best --env-manager local` on 127.0.0.1 answers an invocations
     call with the generated text."""
     work, uri, client, _ = sweep
     (child,) = _runs(client, "trial")

@@ -44,7 +44,8 @@ def test_tracking_server_lost_mid_run(tmp_path):
     arrives afterwards; the run's ``tracking_gap`` tag says how long the store was gone and how much came late."""
     from tests.servers import free_port, mlflow_server
 
-    write_experiment(tmp_path, steps=200, every=50, grid='{"train.lr": grid(4e-4)}', sample_tokens=4)
+    # d_model 128: 200 steps take ~22 s, an outage of ~8 s a second in falls well inside them
+    write_experiment(tmp_path, steps=200, every=50, grid='{"train.lr": grid(4e-4)}', sample_tokens=4, d_model=128)
     port, server_dir = free_port(), tmp_path / "server"
     server_dir.mkdir()
     with contextlib.ExitStack() as stack:
