@@ -342,10 +342,11 @@ def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    env = worker_env(local=on_one_machine(address))
+    local = on_one_machine(address)
+    env = worker_env(local=local)
     if address:
         _check_address(address)
-        if on_one_machine(address) and "://" not in address:
+        if local and "://" not in address:
             env["RAY_ADDRESS"] = address
         try:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
