@@ -458,15 +458,7 @@ def setup(
     the model is sharded here, and ``wrap_model`` must be None.
     """
     t = config.train
-    fsdp = t.parallel == "fsdp"
-    if fsdp:
-        if wrap_model is not None:
-            raise ValueError("train.parallel=fsdp: gptcore shards the model itself; pass no wrap_model")
-        if not dist.is_initialized() or dist.get_world_size() != world_size:
-            raise ValueError(
-                f"train.parallel=fsdp needs torch.distributed initialised with {world_size} rank(s) "
-                "(train() starts a one-rank group itself when there is none)"
-            )
+    _check_parallel(t, wrap_model, world_size)
     if device.type == "cpu":
         keep_freed_memory_mapped()
         if t.num_threads:
@@ -474,25 +466,9 @@ def setup(
     dtype = resolve_precision(t.precision, device)
     set_seed(t.seed + rank)
     train_ds, val_ds = datasets or build_datasets(config, data_dir)
-    batches_per_epoch = len(train_ds) // (t.batch_size * world_size)
-    if batches_per_epoch == 0:
-        raise ValueError(
-            f"the train split has {len(train_ds)} windows, fewer than train.batch_size={t.batch_size} x "
-            f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
-        )
+    batches_per_epoch = _batches_per_epoch(len(train_ds), t.batch_size, world_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
-    # Every rank builds rank 0's initial weights (its seed's), then draws from its own stream: FSDP shards them as
-    # they are (DDP would broadcast rank 0's anyway). FSDP: built on the CPU, sharding moves one group at a time.
-    with torch.random.fork_rng(devices=[], enabled=rank != 0):
-        if rank != 0:
-            torch.manual_seed(t.seed)
-        model, init_report = build_model(config, torch.device("cpu") if fsdp else device)
-    model.activation_checkpointing = t.activation_checkpointing
-    if fsdp:
-        if t.compile:  # each block, in place (parameter names unchanged), before sharding: FSDP's hooks stay eager
-            for block in model.blocks:
-                block.compile()
-        shard_model(model, device=device, dtype=dtype, cpu_offload=t.fsdp_cpu_offload)
+    model, init_report = _initial_model(config, rank, device, dtype)
     optimizer = configure_optimizer(model, config, device)  # after sharding: it holds this rank's shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = resume(resume_from, config, model, optimizer, scaler, train_ds.key, rank) or TrainState(
@@ -513,19 +489,79 @@ def setup(
         resumed_from=str(resume_from) if resume_from else None,
         init_report=init_report,
     )
-    wrapped = model
-    if not fsdp:
-        wrapped = torch.compile(model) if t.compile else model
-        wrapped = wrap_model(wrapped) if wrap_model is not None else wrapped
+    loaders = {
+        name: _eval_loader(ds, t.batch_size, ctx) for name, ds in (("train_loss", train_ds), ("val_loss", val_ds))
+    }
+    return Run(config, ctx, _wrapped(model, t, wrap_model), optimizer, scaler, state, train_ds, loaders, hooks)
 
-    def eval_loader(dataset: SlidingWindowDataset) -> torch.utils.data.DataLoader:
-        pin = device.type == "cuda"
-        return make_loader(
-            dataset, t.batch_size, shuffle=False, drop_last=False, rank=rank, world_size=world_size, pin_memory=pin
+
+def _check_parallel(
+    t: TrainConfig, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None, world_size: int
+) -> None:
+    """FSDP: gptcore shards the model itself, in a process group of ``world_size`` ranks."""
+    if t.parallel != "fsdp":
+        return
+    if wrap_model is not None:
+        raise ValueError("train.parallel=fsdp: gptcore shards the model itself; pass no wrap_model")
+    if not dist.is_initialized() or dist.get_world_size() != world_size:
+        raise ValueError(
+            f"train.parallel=fsdp needs torch.distributed initialised with {world_size} rank(s) "
+            "(train() starts a one-rank group itself when there is none)"
         )
 
-    loaders = {"train_loss": eval_loader(train_ds), "val_loss": eval_loader(val_ds)}
-    return Run(config, ctx, wrapped, optimizer, scaler, state, train_ds, loaders, hooks)
+
+def _batches_per_epoch(windows: int, batch_size: int, world_size: int) -> int:
+    batches = windows // (batch_size * world_size)
+    if batches == 0:
+        raise ValueError(
+            f"the train split has {windows} windows, fewer than train.batch_size={batch_size} x "
+            f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
+        )
+    return batches
+
+
+def _initial_model(
+    config: JobConfig, rank: int, device: torch.device, dtype: torch.dtype
+) -> tuple[GPT, dict[str, Any]]:
+    """Every rank builds rank 0's initial weights (its seed's), then draws from its own stream: FSDP shards them as
+    they are (DDP would broadcast rank 0's anyway). FSDP: built on the CPU, sharding moves one group at a time."""
+    t = config.train
+    fsdp = t.parallel == "fsdp"
+    with torch.random.fork_rng(devices=[], enabled=rank != 0):
+        if rank != 0:
+            torch.manual_seed(t.seed)
+        model, init_report = build_model(config, torch.device("cpu") if fsdp else device)
+    model.activation_checkpointing = t.activation_checkpointing
+    if fsdp:
+        if t.compile:  # each block, in place (parameter names unchanged), before sharding: FSDP's hooks stay eager
+            for block in model.blocks:
+                block.compile()
+        shard_model(model, device=device, dtype=dtype, cpu_offload=t.fsdp_cpu_offload)
+    return model, init_report
+
+
+def _wrapped(
+    model: GPT, t: TrainConfig, wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None
+) -> torch.nn.Module:
+    """What the loop calls: the model compiled and wrapped (DDP) as asked; a sharded model as it is."""
+    if t.parallel == "fsdp":
+        return model
+    wrapped = torch.compile(model) if t.compile else model
+    return wrap_model(wrapped) if wrap_model is not None else wrapped
+
+
+def _eval_loader(dataset: SlidingWindowDataset, batch_size: int, ctx: TrainContext) -> torch.utils.data.DataLoader:
+    """In order, every window once, this rank's share."""
+    pin = ctx.device.type == "cuda"
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle=False,
+        drop_last=False,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=pin,
+    )
 
 
 def resume(
