@@ -368,25 +368,13 @@ def save_sharded(
         dist.all_gather_object(listings, listing)
         if rank == 0:
             files = {name: size for found in listings for name, size in found.items()}
-            save_file(_rng_tensors(rng_states), tmp / RNG_FILE)
-            files[RNG_FILE] = (tmp / RNG_FILE).stat().st_size
-            meta: dict[str, Any] = {
-                "format": FORMAT,
-                "version": 2,
-                "layout": SHARDED,
-                "world_size": world,
-                "config": config.to_dict(),
-                "state": state.to_dict(),
-                "extra": extra or {},
-                "files": files,
-            }
+            meta: dict[str, Any] = {"format": FORMAT, "version": 2, "layout": SHARDED, "world_size": world}
+            meta |= {"config": config.to_dict(), "state": state.to_dict(), "extra": extra or {}}
             if optim_meta is not None:
                 meta["optimizer"] = optim_meta
             if scaler is not None and scaler.is_enabled():
                 meta["scaler"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            for name in (RNG_FILE, META_FILE):
-                _fsync(tmp / name)
+            _write_rng_and_meta(tmp, meta, files, rng_states)
         dist.barrier()
         if owner:
             _replace_dir(tmp, path)
@@ -395,6 +383,17 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_rng_and_meta(
+    folder: Path, meta: dict[str, Any], files: dict[str, int], rng_states: Sequence[dict[str, torch.Tensor]] | None
+) -> None:
+    """Rank 0's part of a sharded checkpoint: every rank's RNG state, then meta.json listing every file (fsynced)."""
+    save_file(_rng_tensors(rng_states), folder / RNG_FILE)
+    files = {**files, RNG_FILE: (folder / RNG_FILE).stat().st_size}
+    (folder / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2))
+    for name in (RNG_FILE, META_FILE):
+        _fsync(folder / name)
 
 
 def is_sharded(meta: dict[str, Any]) -> bool:

@@ -306,7 +306,17 @@ def cmd_register(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,prepare,ui,sample,report,export,register}")
+    _add_run(verbs)
+    _add_prepare(verbs)
+    _add_ui(verbs)
+    _add_sample(verbs)
+    _add_export(verbs)
+    _add_report(verbs)
+    _add_register(verbs)
+    return parser
 
+
+def _add_run(verbs: argparse._SubParsersAction) -> None:
     run = verbs.add_parser("run", help="run (or resume) the sweep an experiment file describes")
     run.add_argument("experiment", help="experiment file, e.g. experiments/stride_sweep.py")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -331,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+
+def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     prepare = verbs.add_parser("prepare", help="tokenize a corpus once, on the Ray cluster, into token shards")
     prepare.add_argument("corpus", nargs="+", help="named corpus, file, folder, glob, or several of them")
     prepare.add_argument("--storage", help="where datasets live: folder or URI (s3://...); default ./ray_results")
@@ -340,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text (data.text_field)")
     prepare.set_defaults(func=cmd_prepare)
 
+
+def _add_ui(verbs: argparse._SubParsersAction) -> None:
     ui = verbs.add_parser("ui", help="start the MLflow UI on the project's tracking store")
     ui.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -347,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--expose", action="store_true", help="allow binding a non-loopback address")
     ui.set_defaults(func=cmd_ui)
 
+
+def _add_sample(verbs: argparse._SubParsersAction) -> None:
     sample = verbs.add_parser("sample", help="generate text from a trial's checkpoint")
     sample.add_argument("checkpoint", help="checkpoint folder (or s3:// URI), e.g. ray_results/.../checkpoint_...")
     sample.add_argument("--prompt", default="Every effort moves you")
@@ -360,12 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     sample.set_defaults(func=cmd_sample)
 
+
+def _add_export(verbs: argparse._SubParsersAction) -> None:
     export = verbs.add_parser("export", help="save a checkpoint as a Hugging Face GPT-2 folder")
     export.add_argument("checkpoint", help="checkpoint folder (or s3:// URI)")
     export.add_argument("out", help="output folder (config.json, model.safetensors, tokenizer files)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     export.set_defaults(func=cmd_export)
 
+
+def _add_report(verbs: argparse._SubParsersAction) -> None:
     report = verbs.add_parser("report", help="results table and plots of a sweep, from MLflow")
     report.add_argument("experiment", help="experiment name or file")
     report.add_argument("--sweep", help="sweep id (default: the latest)")
@@ -373,12 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="also write the table and plots to this folder")
     report.set_defaults(func=cmd_report)
 
+
+def _add_register(verbs: argparse._SubParsersAction) -> None:
     register = verbs.add_parser("register", help="the best trial's model into the MLflow Model Registry (alias best)")
     register.add_argument("experiment", help="experiment name or file")
     register.add_argument("--sweep", help="sweep id (default: the latest)")
     register.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
     register.set_defaults(func=cmd_register)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

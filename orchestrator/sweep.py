@@ -423,68 +423,19 @@ def run_sweep(
     ``plan`` is the one `make_plan` made of ``experiment`` and ``options`` (made here if not given); a resumed sweep
     runs what its sweep.json says instead."""
     import ray
-    import ray.tune
 
     storage = absolute_storage(options.storage, options.workdir)
     if options.resume:
-        refuse_changes_on_resume(
-            {
-                "--set": options.overrides,
-                "--workers": options.workers,
-                "--use-gpu": options.use_gpu,
-                "--cpus-per-worker": options.cpus_per_worker,
-                "--max-concurrent": options.max_concurrent,
-            }
-        )
-        sweep_id = find_sweep(storage, experiment.name, options.resume)
-        saved = read_json(join_path(storage, sweep_id, "sweep.json"))
-        specs, settings = saved["trials"], saved_settings(saved["settings"], experiment)
-        check_reachable(settings.tracking_uri)
-        tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
-        print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
-        connect_ray(options.address)
+        sweep_id, specs, settings, tracker = _reopen(experiment, options, storage)
     else:
-        plan = plan or make_plan(experiment, options)
-        tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
-        check_reachable(tracking_uri)
-        if experiment.is_decode:
-            plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
-        else:
-            check_data(plan.trials)
-            check_init(plan.trials)
-        check_local_gpu(plan.use_gpu, options.address, wait_for_resources)
-        sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
-        connect_ray(options.address)
-        try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
-            use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
-            check_cpus(plan.cpus_per_worker, wait_for_resources)
-            datasets = {} if experiment.is_decode else prepare_data(plan.trials, storage)
-            tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
-            settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
-            specs = _create_trial_runs(tracker, settings, plan.trials, datasets)
-            write_json(join_path(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
-        except BaseException:
-            ray.shutdown()
-            raise
+        sweep_id, specs, settings, tracker = _open(experiment, options, plan, storage, wait_for_resources)
     try:
         if options.resume:
             resolve_gpu(settings.use_gpu, wait_for_resources)
             check_cpus(settings.cpus_per_worker, wait_for_resources)
             tracker.client.update_run(settings.parent_run_id, status="RUNNING")
         print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
-        trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(run_trial, specs=specs, settings=settings),
-            {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
-        )
-        if is_decode(settings.kind):  # inference in the Tune trial itself
-            trainable = decode_trainable(specs, settings)
-        sweep_dir = join_path(storage, sweep_id)
-        if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
-            tuner = ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = _new_tuner(trainable, list(specs), settings, options.address)
-        grid = tuner.fit()
+        grid = _tuner(specs, settings, join_path(storage, sweep_id), options).fit()
         statuses = _reconcile(tracker, settings, grid, list(specs))
     finally:
         ray.shutdown()
@@ -495,6 +446,76 @@ def run_sweep(
     return SweepOutcome(
         sweep_id, settings.parent_run_id, settings.tracking_uri, storage, experiment.name, statuses, interrupted
     )
+
+
+def _reopen(
+    experiment: Experiment, options: SweepOptions, storage: str
+) -> tuple[str, dict[str, dict], SweepSettings, SweepTracker]:
+    """A sweep to resume, as its sweep.json says (flags that would change it are refused); Ray connected."""
+    refuse_changes_on_resume(
+        {
+            "--set": options.overrides,
+            "--workers": options.workers,
+            "--use-gpu": options.use_gpu,
+            "--cpus-per-worker": options.cpus_per_worker,
+            "--max-concurrent": options.max_concurrent,
+        }
+    )
+    sweep_id = find_sweep(storage, experiment.name, options.resume)
+    saved = read_json(join_path(storage, sweep_id, "sweep.json"))
+    specs, settings = saved["trials"], saved_settings(saved["settings"], experiment)
+    check_reachable(settings.tracking_uri)
+    tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
+    print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
+    connect_ray(options.address)
+    return sweep_id, specs, settings, tracker
+
+
+def _open(
+    experiment: Experiment, options: SweepOptions, plan: Plan | None, storage: str, wait_for_resources: bool
+) -> tuple[str, dict[str, dict], SweepSettings, SweepTracker]:
+    """A new sweep: checked, Ray connected, then its parent and trial runs created and its sweep.json written."""
+    import ray
+
+    plan = plan or make_plan(experiment, options)
+    tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
+    check_reachable(tracking_uri)
+    if experiment.is_decode:
+        plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
+    else:
+        check_data(plan.trials)
+        check_init(plan.trials)
+    check_local_gpu(plan.use_gpu, options.address, wait_for_resources)
+    sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
+    connect_ray(options.address)
+    try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
+        use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+        check_cpus(plan.cpus_per_worker, wait_for_resources)
+        datasets = {} if experiment.is_decode else prepare_data(plan.trials, storage)
+        tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
+        settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
+        specs = _create_trial_runs(tracker, settings, plan.trials, datasets)
+        write_json(join_path(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})
+    except BaseException:
+        ray.shutdown()
+        raise
+    return sweep_id, specs, settings, tracker
+
+
+def _tuner(specs: dict[str, dict], settings: SweepSettings, sweep_dir: str, options: SweepOptions):
+    """The Tuner of the sweep: restored from ``sweep_dir`` when resuming one Tune saved, else new."""
+    import ray.tune
+
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, specs=specs, settings=settings),
+        {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
+    )
+    if is_decode(settings.kind):  # inference in the Tune trial itself
+        trainable = decode_trainable(specs, settings)
+    if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
+        return ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    return _new_tuner(trainable, list(specs), settings, options.address)
 
 
 def _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu: bool) -> SweepSettings:
