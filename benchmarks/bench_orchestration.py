@@ -84,9 +84,9 @@ def measure_plain(overrides: list[str], mlflow: bool, workdir: Path) -> dict[str
     tracker = parent = None
     if mlflow:
         from orchestrator.hooks import MlflowLogging
-        from orchestrator.tracking import SweepTracker, default_artifact_root, default_tracking_uri
+        from orchestrator.tracking import SweepTracker, default_artifact_root, resolve_tracking_uri
 
-        uri = default_tracking_uri(workdir)
+        uri = resolve_tracking_uri(None, workdir)
         tracker = SweepTracker(uri, experiment.name, artifact_root=default_artifact_root(workdir))
         parent = tracker.parent_run("bench", params={"trials": len(trials)}, tags={})
         runs = [tracker.child_run(parent, "bench", t.name, params=t.job.flat(), tags={}) for t in trials]

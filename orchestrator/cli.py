@@ -150,9 +150,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from orchestrator.tracking import absolute_uri, default_tracking_uri, mlflow_server_env
+    from orchestrator.tracking import mlflow_server_env, resolve_tracking_uri
 
-    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
+    uri = resolve_tracking_uri(args.tracking_uri)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.expose:
         print(
             f"error: refusing to bind the MLflow UI to {args.host}: anyone on the network could read and change "
@@ -266,17 +266,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- report
 
 
+def _experiment_name(name_or_file: str) -> str:
+    """An experiment's name, given as it is or as its experiment file."""
+    if not name_or_file.endswith(".py"):
+        return name_or_file
+    from orchestrator.experiment import load_experiment
+
+    return load_experiment(name_or_file).name
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
-    from orchestrator.tracking import absolute_uri, default_tracking_uri
+    from orchestrator.tracking import resolve_tracking_uri
 
-    name = args.experiment
-    if name.endswith(".py"):
-        from orchestrator.experiment import load_experiment
-
-        name = load_experiment(name).name
-    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
-    report = write_report(uri, name, args.sweep, args.out)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    report = write_report(uri, _experiment_name(args.experiment), args.sweep, args.out)
     print(f"Sweep {report['sweep']} ({report['ranking']}):\n{report['table']}")
     if args.out:
         print(f"\nwritten to {Path(args.out).absolute()}: results.md, results.csv, val_loss_vs_tokens.png, ...")
@@ -288,15 +292,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from orchestrator.registry import register_best
-    from orchestrator.tracking import absolute_uri, default_tracking_uri
+    from orchestrator.tracking import resolve_tracking_uri
 
-    name = args.experiment
-    if name.endswith(".py"):
-        from orchestrator.experiment import load_experiment
-
-        name = load_experiment(name).name
-    uri = absolute_uri(args.tracking_uri) if args.tracking_uri else default_tracking_uri()
-    print(_registered(register_best(uri, name, args.sweep)).strip())
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(_registered(register_best(uri, _experiment_name(args.experiment), args.sweep)).strip())
     return 0
 
 

@@ -43,11 +43,11 @@ from orchestrator.tracking import (
     check_reachable,
     cluster_tracking_uri,
     default_artifact_root,
-    default_tracking_uri,
     file_docstring,
     git_commit,
     is_loopback,
     mlflow_status,
+    resolve_tracking_uri,
     source_tags,
 )
 from orchestrator.trial import run_trial
@@ -186,7 +186,7 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
         f"resources per trial: {plan.workers} worker(s) x ({plan.cpus_per_worker:g} CPU, {gpu})"
         + (f", at most {plan.max_concurrent} concurrent" if plan.max_concurrent else ""),
         f"storage: {absolute_storage(options.storage, options.workdir)}",
-        f"tracking: {options.tracking_uri or default_tracking_uri(options.workdir)}",
+        f"tracking: {resolve_tracking_uri(options.tracking_uri, options.workdir)}",
         f"ray: {options.address or 'a local Ray started for this run'}",
     ]
     if plan.experiment.scheduler:
@@ -246,27 +246,39 @@ def prepare_data(trials: list[Trial], storage: str) -> dict[str, tuple[str, Mani
     return by_trial
 
 
-def check_init(trials: list[Trial]) -> None:
-    """Check that each local ``train.init_from`` checkpoint fits its trial's model (headers only, no weights)."""
+def resolve_init(trials: list[Trial]) -> list[Trial]:
+    """The trials with each local ``train.init_from`` (checkpoint or Hugging Face folder) made absolute, as workers
+    run in other directories, and checked to fit its trial's model (headers only, no weights)."""
     if all(trial.job.train.init_from == "scratch" for trial in trials):
-        return  # (no torch to import)
+        return trials  # (no torch to import)
     from gptcore.checkpoint import META_FILE, CheckpointError, check_fits, init_source_kind
     from gptcore.pretrained import check_compatible, config_from_pretrained
 
-    seen = set()
+    resolved, seen = [], set()
     for trial in trials:
         source, model = trial.job.train.init_from, trial.job.model
-        path = Path(source).expanduser()
-        if init_source_kind(source) in ("scratch", "hub") or (source, model) in seen:
-            continue  # a Hugging Face model id is downloaded by the trial
-        seen.add((source, model))
+        if init_source_kind(source) in ("scratch", "hub"):  # a Hugging Face model id is downloaded by the trial
+            resolved.append(trial)
+            continue
+        path = Path(source).expanduser().absolute()
+        resolved.append(_with_init_from(trial, str(path)))
+        if (path, model) in seen:
+            continue
+        seen.add((path, model))
         try:
             if (path / META_FILE).is_file():
                 check_fits(path, model)
             else:
-                check_compatible(model, config_from_pretrained(source), source)
+                check_compatible(model, config_from_pretrained(str(path)), source)
         except CheckpointError as exc:
             raise ExperimentError(f"trial {trial.name}: train.init_from: {exc}") from None
+    return resolved
+
+
+def _with_init_from(trial: Trial, init_from: str) -> Trial:
+    config = {**trial.config, "train": {**trial.config.get("train", {}), "init_from": init_from}}
+    job = dataclasses.replace(trial.job, train=dataclasses.replace(trial.job.train, init_from=init_from))
+    return dataclasses.replace(trial, config=config, job=job)
 
 
 def check_local_gpu(use_gpu: bool | str, address: str | None, wait_for_resources: bool = False) -> None:
@@ -478,13 +490,13 @@ def _open(
     import ray
 
     plan = plan or make_plan(experiment, options)
-    tracking_uri = options.tracking_uri or default_tracking_uri(options.workdir)
-    check_reachable(tracking_uri)
+    uri = resolve_tracking_uri(options.tracking_uri, options.workdir)
+    check_reachable(uri)
     if experiment.is_decode:
-        plan.trials = resolve_checkpoints(plan.trials, tracking_uri)
+        plan.trials = resolve_checkpoints(plan.trials, uri)
     else:
         check_data(plan.trials)
-        check_init(plan.trials)
+        plan.trials = resolve_init(plan.trials)
     check_local_gpu(plan.use_gpu, options.address, wait_for_resources)
     sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
@@ -493,7 +505,7 @@ def _open(
         use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
         check_cpus(plan.cpus_per_worker, wait_for_resources)
         datasets = {} if experiment.is_decode else prepare_data(plan.trials, storage)
-        tracker = SweepTracker(tracking_uri, experiment.name, artifact_root=artifact_root)
+        tracker = SweepTracker(uri, experiment.name, artifact_root=artifact_root)
         settings = _start(tracker, experiment, options, plan, sweep_id, storage, use_gpu)
         specs = _create_trial_runs(tracker, settings, plan.trials, datasets)
         write_json(join_path(storage, sweep_id, "sweep.json"), {"trials": specs, "settings": asdict(settings)})

@@ -52,20 +52,23 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says how to fix it."""
 
 
-def default_tracking_uri(workdir: str | Path = ".") -> str:
-    return f"sqlite:///{Path(workdir).absolute() / 'mlruns.db'}"
+def resolve_tracking_uri(given: str | None = None, workdir: str | Path = ".") -> str:
+    """The tracking store a command uses: ``given`` made absolute (`absolute_uri`), else the SQLite file
+    ``<workdir>/mlruns.db``."""
+    return absolute_uri(given, workdir) if given else f"sqlite:///{Path(workdir).absolute() / 'mlruns.db'}"
 
 
 def default_artifact_root(workdir: str | Path = ".") -> str:
     return (Path(workdir).absolute() / "mlartifacts").as_uri()
 
 
-def absolute_uri(uri: str) -> str:
-    """Make a relative SQLite or file URI absolute (workers do not share the driver's cwd)."""
+def absolute_uri(uri: str, workdir: str | Path = ".") -> str:
+    """A relative SQLite file or folder made absolute against ``workdir`` (workers do not share the driver's cwd);
+    any other URI as it is."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///') :]).absolute()}"
+        return f"sqlite:///{Path(workdir, uri[len('sqlite:///') :]).absolute()}"
     if "://" not in uri:
-        return Path(uri).absolute().as_uri()
+        return Path(workdir, uri).absolute().as_uri()
     return uri
 
 

@@ -57,6 +57,10 @@ ARGS: dict[str, list[str]] = {  # extra command-line arguments
     "lr_sweep": ["--max-concurrent", "1"],
     "gpt2_xl_fsdp": ["--workers", "2", "--use-gpu", "no"],
 }
+# the default store's file named by a relative URI, as a user types it: the workers, in other directories, must log
+# into the driver's file (they once wrote a file of their own under /tmp/ray: the metrics were lost)
+for _name in ("posemb_sweep", "freeze_embeddings"):
+    ARGS[_name] = ["--tracking-uri", "sqlite:///mlruns.db"]
 # a grid narrowed to one point (each trial costs a Ray Train start)
 TRIALS = {"posemb_sweep": 1, "full_grid": 1, "gpt2_xl_fsdp": 1, "freeze_embeddings": 1, "warmstart_vs_scratch": 1}
 TRIALS["lr_sweep"] = 3

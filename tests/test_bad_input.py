@@ -28,7 +28,7 @@ from gptcore.config import JobConfig
 from gptcore.model import GPT
 from orchestrator.cli import main
 from orchestrator.experiment import expand_trials, load_experiment
-from orchestrator.sweep import SweepError, check_cpus, check_init, check_local_gpu, resolve_gpu
+from orchestrator.sweep import SweepError, check_cpus, check_local_gpu, resolve_gpu, resolve_init
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,7 +209,7 @@ def test_checkpoint_of_another_architecture(work, checkpoint, capsys):
     with pytest.raises(CheckpointError, match="different architecture"):
         load_model_weights(GPT(other), load_checkpoint(checkpoint).model_state)
     check_fits(checkpoint, JobConfig.from_dict({"model": {"preset": "micro", "dropout": 0.0}}).model)
-    check_init(expand_trials(load_experiment(work / "exp.py"), {"train.init_from": str(checkpoint)}))
+    resolve_init(expand_trials(load_experiment(work / "exp.py"), {"train.init_from": str(checkpoint)}))
 
 
 def test_hugging_face_folder_of_another_architecture(work, capsys):
@@ -219,7 +219,25 @@ def test_hugging_face_folder_of_another_architecture(work, capsys):
     (hf / "config.json").write_text(json.dumps({"n_embd": 32, "n_head": 2, "n_layer": 1, "n_positions": 32}))
     argv = ["run", "exp.py", "--set", f"train.init_from={hf}", "--set", "model.n_layers=3"]
     refused(capsys, work, argv, "does not fit the checkpoint", "model.n_layers is 3, the checkpoint needs 1")
-    check_init(expand_trials(load_experiment(work / "exp.py"), {"train.init_from": str(hf)}))
+    resolve_init(expand_trials(load_experiment(work / "exp.py"), {"train.init_from": str(hf)}))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "hugging-face-folder"])
+def test_a_relative_init_from_reaches_the_workers_absolute(work, checkpoint, monkeypatch, kind):
+    """Workers run in other directories: a relative local init_from is handed to them absolute (a relative
+    ``runs/hf`` there would be taken for a Hub model id)."""
+    if kind == "checkpoint":
+        monkeypatch.chdir(checkpoint.parent)
+        given, expected = checkpoint.name, checkpoint
+    else:
+        (work / "runs" / "hf").mkdir(parents=True)
+        config = {"n_embd": 32, "n_head": 2, "n_layer": 1, "n_positions": 32}
+        (work / "runs" / "hf" / "config.json").write_text(json.dumps(config))
+        given, expected = "runs/hf", work / "runs" / "hf"
+    trials = resolve_init(expand_trials(load_experiment(work / "exp.py"), {"train.init_from": given}))
+    for trial in trials:
+        assert trial.job.train.init_from == trial.config["train"]["init_from"] == str(expected)
+    assert trials and JobConfig.from_dict(trials[0].config).train.init_from == str(expected)
 
 
 def test_init_from_truncated_or_missing_checkpoint(work, checkpoint, capsys):

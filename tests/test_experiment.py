@@ -41,6 +41,24 @@ def test_dry_run_lists_trials_and_resources(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        (None, "sqlite:///{cwd}/mlruns.db"),
+        ("sqlite:///runs/my.db", "sqlite:///{cwd}/runs/my.db"),
+        ("mlruns-files", "file://{cwd}/mlruns-files"),
+        ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_a_relative_tracking_uri_is_made_absolute_for_the_workers(tmp_path, monkeypatch, capsys, given, used):
+    """Ray workers run in other directories: a relative store must name the driver's file."""
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, GOOD)
+    assert main(["run", str(path), "--dry-run", *(["--tracking-uri", given] if given else [])]) == 0
+    assert f"tracking: {used.format(cwd=tmp_path)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("EXPERIMENT = (", "syntax error"),

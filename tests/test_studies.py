@@ -42,6 +42,7 @@ def test_study_runs_end_to_end(studies, experiment):
         assert kid.data.tags["orchestrator.status"] == (
             "stopped" if name in STOPPED.get(experiment, []) else "finished"
         )
+        assert kid.data.metrics, f"{name}: no metric from its worker in the sweep's tracking store"
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/results.md" in artifacts and any(a.endswith(".png") for a in artifacts)
 
