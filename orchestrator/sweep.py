@@ -297,10 +297,15 @@ def check_local_gpu(use_gpu: bool | str, address: str | None, wait_for_resources
 # --------------------------------------------------------------------------- Ray
 
 
+def _parsed_address(address: str) -> urllib.parse.ParseResult:
+    """A Ray address, ``HOST:PORT`` or ``ray://HOST:PORT``, parsed."""
+    return urllib.parse.urlparse(address if "://" in address else f"tcp://{address}")
+
+
 def _check_address(address: str) -> None:
     if address in ("auto", "local"):
         return
-    parsed = urllib.parse.urlparse(address if "://" in address else f"tcp://{address}")
+    parsed = _parsed_address(address)
     if not parsed.hostname or not parsed.port:
         raise SweepError(f"--address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379), 'auto' or ray://HOST:PORT")
     try:
@@ -318,7 +323,7 @@ def on_one_machine(address: str | None) -> bool:
     machine can join)."""
     if address in (None, "local"):
         return True
-    return is_loopback(urllib.parse.urlparse(address if "://" in address else f"tcp://{address}").hostname)
+    return is_loopback(_parsed_address(address).hostname)
 
 
 def worker_env(local: bool) -> dict[str, str]:
