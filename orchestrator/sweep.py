@@ -443,14 +443,10 @@ def run_sweep(
 
     storage = absolute_storage(options.storage, options.workdir)
     if options.resume:
-        sweep_id, specs, settings, tracker = _reopen(experiment, options, storage)
+        sweep_id, specs, settings, tracker = _reopen(experiment, options, storage, wait_for_resources)
     else:
         sweep_id, specs, settings, tracker = _open(experiment, options, plan, storage, wait_for_resources)
     try:
-        if options.resume:
-            resolve_gpu(settings.use_gpu, wait_for_resources)
-            check_cpus(settings.cpus_per_worker, wait_for_resources)
-            tracker.client.update_run(settings.parent_run_id, status="RUNNING")
         print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
         grid = _tuner(specs, settings, join_path(storage, sweep_id), options).fit()
         statuses = _reconcile(tracker, settings, grid, list(specs))
@@ -466,9 +462,12 @@ def run_sweep(
 
 
 def _reopen(
-    experiment: Experiment, options: SweepOptions, storage: str
+    experiment: Experiment, options: SweepOptions, storage: str, wait_for_resources: bool
 ) -> tuple[str, dict[str, dict], SweepSettings, SweepTracker]:
-    """A sweep to resume, as its sweep.json says (flags that would change it are refused); Ray connected."""
+    """A sweep to resume, as its sweep.json says (flags that would change it are refused): Ray connected with the
+    resources it needs, its parent run running again."""
+    import ray
+
     refuse_changes_on_resume(
         {
             "--set": options.overrides,
@@ -485,6 +484,13 @@ def _reopen(
     tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
     print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
     connect_ray(options.address)
+    try:
+        resolve_gpu(settings.use_gpu, wait_for_resources)
+        check_cpus(settings.cpus_per_worker, wait_for_resources)
+        tracker.client.update_run(settings.parent_run_id, status="RUNNING")
+    except BaseException:
+        ray.shutdown()
+        raise
     return sweep_id, specs, settings, tracker
 
 
@@ -524,12 +530,13 @@ def _tuner(specs: dict[str, dict], settings: SweepSettings, sweep_dir: str, opti
     """The Tuner of the sweep: restored from ``sweep_dir`` when resuming one Tune saved, else new."""
     import ray.tune
 
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, specs=specs, settings=settings),
-        {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
-    )
     if is_decode(settings.kind):  # inference in the Tune trial itself
         trainable = decode_trainable(specs, settings)
+    else:
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, specs=specs, settings=settings),
+            {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
+        )
     if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
         return ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     return _new_tuner(trainable, list(specs), settings, options.address)

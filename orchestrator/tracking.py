@@ -55,7 +55,7 @@ class TrackingError(RuntimeError):
 def resolve_tracking_uri(given: str | None = None, workdir: str | Path = ".") -> str:
     """The tracking store a command uses: ``given`` made absolute (`absolute_uri`), else the SQLite file
     ``<workdir>/mlruns.db``."""
-    return absolute_uri(given, workdir) if given else f"sqlite:///{Path(workdir).absolute() / 'mlruns.db'}"
+    return absolute_uri(given or "sqlite:///mlruns.db", workdir)
 
 
 def default_artifact_root(workdir: str | Path = ".") -> str:
