@@ -9,6 +9,7 @@ Layout in storage (a local folder or an ``s3://`` URI)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -373,16 +374,66 @@ def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
         # Ray starts a worker per CPU for the first driver, to no use here (the trial's actors never took one): idle
         # processes of ~0.6 CPU-s each
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        start_local_ray(env, dashboard)
+
+
+LOCAL_RAY_START_ATTEMPTS = 3
+
+
+def start_local_ray(env: dict[str, str], dashboard: bool) -> None:
+    """``ray.init`` of a local Ray whose processes get ``env``, tried again when it misses Ray's start deadline.
+
+    Ray 2.60 gives a starting node's raylet a fixed 30 s to register with the GCS (no setting raises it); on a busy
+    machine a start can miss it while the next one does not. A failed attempt's processes are killed before the next.
+    """
+    import psutil
+    import ray
+
+    failures = []
+    for attempt in range(1, LOCAL_RAY_START_ATTEMPTS + 1):
         port = _free_port() if dashboard else None
         if port is not None:
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(
-            runtime_env={"env_vars": env},
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            log_to_driver=True,
-        )
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(
+                runtime_env={"env_vars": env},
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                log_to_driver=True,
+            )
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a missed start deadline
+            if not is_start_timeout(exc):
+                raise
+            failures.append(f"attempt {attempt}: {exc}")
+            ray.shutdown()
+            _kill_processes_started_since(before)
+            print(f"The local Ray did not start (attempt {attempt} of {LOCAL_RAY_START_ATTEMPTS}): {exc}", flush=True)
+    load = os.getloadavg()[0]
+    raise SweepError(
+        f"the local Ray did not start in {LOCAL_RAY_START_ATTEMPTS} attempts on this machine (load average "
+        f"{load:.1f} on {os.cpu_count()} CPUs): {failures[-1]}; run again when the machine is less busy, or start Ray "
+        "yourself (`ray start --head`) and pass its address with --address"
+    )
+
+
+def is_start_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray giving up on a node that did not come up in time (not a bad setting)."""
+    text = str(exc)
+    return isinstance(exc, TimeoutError) or "timed out during startup" in text or "Deadline Exceeded" in text
+
+
+def _kill_processes_started_since(before: set[int]) -> None:
+    """Kill this process's descendants that are not in ``before`` (what a failed ``ray.init`` left running)."""
+    import psutil
+
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for proc in started:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(started, timeout=10)
 
 
 def _free_port() -> int:

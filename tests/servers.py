@@ -7,6 +7,7 @@ Each is a child process started in its own session and stopped, with everything 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import json
 import os
@@ -17,9 +18,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,10 @@ except ModuleNotFoundError:  # the venv's psutil may be the one Ray ships (ray/t
     psutil = importlib.import_module("psutil")
 
 BIN = Path(sys.executable).parent
+# How long a test waits for what a quiet machine does in seconds (a trial's start, a sweep's end): a guard against a
+# hang, not a measure of speed; on a loaded 2-core machine (a CPU burner, the other test process training) a trial
+# took minutes to start.
+PATIENCE_S = 600
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
 
@@ -81,7 +87,7 @@ def stop(proc: subprocess.Popen, timeout: float = 5) -> None:
 
 
 @contextlib.contextmanager
-def _serve(command: list[str], port: int, log: Path, env: dict[str, str] | None = None, timeout: float = 60):
+def _serve(command: list[str], port: int, log: Path, env: dict[str, str] | None = None, timeout: float = 300):
     with log.open("w") as out:
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
@@ -123,7 +129,7 @@ def mlflow_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     command += ["--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "art")]
     from orchestrator.tracking import mlflow_server_env  # as `orchestrator ui` starts it: no job runner
 
-    with _serve(command, port, tmp / "mlflow-server.log", env=mlflow_server_env(), timeout=120):
+    with _serve(command, port, tmp / "mlflow-server.log", env=mlflow_server_env()):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -156,46 +162,94 @@ class RayCluster:
         return found
 
 
-def _ray_start(cluster: RayCluster, args: list[str], name: str, tmp: Path, cpus: int = 1) -> None:
-    """One node: ``cpus`` CPUs, a custom resource ``name``, its own temp dir and random ports (nodes share a host)."""
+NODE_START_ATTEMPTS = 3
+# `ray start` gives a node's raylet a fixed 30 s to register with the GCS (Ray 2.60, `raylet_start_wait_time_s` in
+# ray/_private/node.py, no knob); on a busy 2-core machine a start can miss it, and the next one usually does not.
+STARTS_LOCK = Path(tempfile.gettempdir()) / "gpt-orchestrator-tests-ray-start.lock"
+
+
+@contextlib.contextmanager
+def one_start_at_a_time() -> Iterator[None]:
+    """Hold the machine-wide lock of node starts: the suite's two processes never start Ray nodes at once (a start is
+    a burst of a dozen Python processes importing Ray; two bursts on 2 cores starve both GCSs)."""
+    with STARTS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class NodeStartError(RuntimeError):
+    """A Ray node that did not start; the message says which node, how each attempt ended, and its log."""
+
+
+def _ray_start(cluster: RayCluster, args: list[str], name: str, tmp: Path, cpus: int) -> Path:
+    """Spawn one node: ``cpus`` CPUs, a custom resource ``name``, its own temp dir and random ports (nodes share a
+    host); returns its log."""
     temp_dir = Path(f"/tmp/ray-{name}-{secrets.token_hex(3)}")  # short: Unix socket paths are limited to 107 bytes
     cluster.temp_dirs.append(temp_dir)
     command = [str(BIN / "ray"), "start", "--block", *args, "--num-cpus", str(cpus), "--num-gpus", "0"]
     command += ["--resources", json.dumps({name: 1}), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     command += ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
-    with (tmp / f"ray-{name}.log").open("w") as out:
+    log = tmp / f"{temp_dir.name}.log"  # a log per attempt and per cluster
+    with log.open("w") as out:
         cluster.nodes[name] = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **cluster.env}, start_new_session=True
         )
+    return log
 
 
-def _wait_for_node(cluster: RayCluster, name: str, tmp: Path, timeout: float = 90) -> None:
-    log, proc = tmp / f"ray-{name}.log", cluster.nodes[name]
+def _wait_for_node(proc: subprocess.Popen, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while "Ray runtime started." not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"Ray node {name} did not start (exit code {proc.poll()}):\n{log.read_text()[-3000:]}")
+        if proc.poll() is not None:
+            raise NodeStartError(f"`ray start` exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise NodeStartError(f"no 'Ray runtime started.' after {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def _start_node(cluster: RayCluster, args: Callable[[], list[str]], name: str, tmp: Path, cpus: int) -> None:
+    """Start node ``name`` (``args()``: its ``ray start`` arguments, fresh ports each attempt), retrying a start that
+    fails; `NodeStartError` after `NODE_START_ATTEMPTS`, naming the node and why each attempt failed."""
+    failures = []
+    for attempt in range(1, NODE_START_ATTEMPTS + 1):
+        with one_start_at_a_time():
+            log = _ray_start(cluster, args(), name, tmp, cpus)
+            try:
+                _wait_for_node(cluster.nodes[name], log, timeout=120)
+                return
+            except NodeStartError as exc:
+                stop(cluster.nodes.pop(name))
+                shutil.rmtree(cluster.temp_dirs.pop(), ignore_errors=True)
+                failures.append(f"attempt {attempt}: {exc} (load average {os.getloadavg()[0]:.1f})")
+    raise NodeStartError(
+        f"Ray node {name} of the test cluster did not start in {NODE_START_ATTEMPTS} attempts:\n"
+        + "\n".join(failures)
+        + f"\nlast log ({log}):\n{log.read_text()[-3000:]}"
+    )
 
 
 @contextlib.contextmanager
 def ray_cluster(tmp: Path, workers: int = 1, head_cpus: int = 1) -> Iterator[RayCluster]:
     """A head node (resource ``head``, ``head_cpus`` CPUs) and ``workers`` joined nodes (``node1``...) of 1 CPU,
-    token auth."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    token auth; each node started one at a time, a failed start retried."""
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    cluster = RayCluster(address, env)
-    try:
+    cluster = RayCluster("", env)
+
+    def head() -> list[str]:
         # a port of its own for the dashboard it does not start: `ray start` still refuses a taken 8265 (another test's
         # local Ray, in the other test process)
-        head = ["--head", "--port", str(port), "--include-dashboard", "false", "--dashboard-port", str(free_port())]
-        _ray_start(cluster, [*head, "--ray-client-server-port", str(free_port())], "head", tmp, head_cpus)
-        _wait_for_port(port, cluster.nodes["head"], tmp / "ray-head.log", 60)
+        port = free_port()
+        cluster.address = f"127.0.0.1:{port}"
+        args = ["--head", "--port", str(port), "--include-dashboard", "false", "--dashboard-port", str(free_port())]
+        return [*args, "--ray-client-server-port", str(free_port())]
+
+    try:
+        _start_node(cluster, head, "head", tmp, head_cpus)
         for i in range(1, workers + 1):
-            _ray_start(cluster, ["--address", address], f"node{i}", tmp)
-        for name in cluster.nodes:
-            _wait_for_node(cluster, name, tmp)
+            _start_node(cluster, lambda: ["--address", cluster.address], f"node{i}", tmp, 1)
         yield cluster
     finally:
         for proc in reversed(cluster.nodes.values()):
@@ -215,10 +269,16 @@ def enter_concurrently(stack: contextlib.ExitStack, *managers: contextlib.Abstra
 
 
 class Cli:
-    """``python -m orchestrator ...`` in the background; stdout and stderr go to a file the test polls."""
+    """``python -m orchestrator ...`` in the background; stdout and stderr go to a file the test polls.
+
+    A ``run`` that starts a local Ray (no ``--address``) holds the lock of node starts until its Ray is up
+    (`one_start_at_a_time`)."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
         self.log = cwd / f"cli-{time.monotonic_ns()}.log"
+        starting = contextlib.ExitStack()
+        if args[0] == "run" and "--address" not in args:
+            starting.enter_context(one_start_at_a_time())
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator", *args],
@@ -227,11 +287,20 @@ class Cli:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
             )
+        threading.Thread(target=self._release_once_ray_is_up, args=(starting,), daemon=True).start()
+
+    def _release_once_ray_is_up(self, starting: contextlib.ExitStack) -> None:
+        with starting:
+            deadline = time.monotonic() + PATIENCE_S
+            while "Started a local Ray instance" not in self.output() and self.proc.poll() is None:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = PATIENCE_S) -> re.Match:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(pattern, self.output())
@@ -242,7 +311,7 @@ class Cli:
             time.sleep(0.2)
         raise AssertionError(f"no {pattern!r} in the CLI output (rc {self.proc.poll()}):\n{self.output()[-5000:]}")
 
-    def finish(self, timeout: float = 240) -> int:
+    def finish(self, timeout: float = 2 * PATIENCE_S) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

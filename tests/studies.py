@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tests.servers import Cli, RayCluster, ray_cluster
+from tests.servers import PATIENCE_S, Cli, RayCluster, ray_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,9 @@ def run(
     args = [sys.executable, "-m", "orchestrator", "run", str(REPO / "experiments" / f"{experiment}.py")]
     args += ["--address", address, *(flags or ("--cpus-per-worker", "1")), *ARGS.get(experiment, [])]
     args += [a for item in sets for a in ("--set", item)]
-    proc = subprocess.run(args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        args, cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=3 * PATIENCE_S
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -123,11 +125,17 @@ def lane_folder(work: Path, experiment: str) -> Path:
 
 
 def run_studies(work: Path) -> dict[str, tuple[int, str]]:
-    """Run every study on one cluster in ``work``; {name: (exit code, output)}."""
+    """Run every study in ``work``; {name: (exit code, output)}.
+
+    Both clusters start first, before the lanes load the machine: a node start in the middle of the other test
+    process's sweeps is what a busy machine delays most. The FSDP study's cluster is a fresh one: on the shared one, a
+    fresh-clone CI run once found its 2 CPUs still held after the lanes ("worker group startup timed out ... waiting
+    for 2 workers"; the test cluster has no dashboard, whose state API Ray Train's placement-group cleaner reads).
+    """
     (work / "side").mkdir()
     hf = tiny_hf_gpt2(work / "hf-gpt2-micro")
     sets = {name: TINY + [item.format(hf=hf) for item in extra] for name, extra in STUDIES.items()}
-    with ray_cluster(work, workers=0, head_cpus=2) as cluster:
+    with ray_cluster(work, workers=0, head_cpus=2) as cluster, ray_cluster(work, workers=0, head_cpus=2) as fsdp:
 
         def study(name: str, experiment: str | None = None, args: list[str] | None = None, **kw) -> tuple[int, str]:
             folder = lane_folder(work, name) if experiment is None else work / name
@@ -147,11 +155,7 @@ def run_studies(work: Path) -> dict[str, tuple[int, str]]:
         with ThreadPoolExecutor(2) as pool:
             lanes = [pool.submit(main_lane), pool.submit(side_lane)]
             outcomes = {name: outcome for lane in lanes for name, outcome in lane.result().items()}
-    # A fresh cluster: on the shared one, a fresh-clone CI run once found its 2 CPUs still held after the lanes
-    # ("worker group startup timed out ... waiting for 2 workers"; the test cluster has no dashboard, whose state API
-    # Ray Train's placement-group cleaner reads).
-    with ray_cluster(work, workers=0, head_cpus=2) as cluster:
-        outcomes["gpt2_xl_fsdp"] = run_killing_rank_1(work, "gpt2_xl_fsdp", sets["gpt2_xl_fsdp"], cluster)
+        outcomes["gpt2_xl_fsdp"] = run_killing_rank_1(work, "gpt2_xl_fsdp", sets["gpt2_xl_fsdp"], fsdp)
     return outcomes
 
 

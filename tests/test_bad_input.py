@@ -252,7 +252,7 @@ def test_init_from_truncated_or_missing_checkpoint(work, checkpoint, capsys):
 # --------------------------------------------------------------------------- Ray: refused before it starts
 
 
-def cli(work: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+def cli(work: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args], cwd=work, capture_output=True, text=True, timeout=timeout
     )

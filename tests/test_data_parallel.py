@@ -8,7 +8,6 @@ uninterrupted run (the data position is saved in windows of the epoch's order, n
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from gptcore.parallel import leave_process_group
 from gptcore.train import HookList, Hooks, LocalCheckpoints, train
 
 from .conftest import tiny_job
+from .curves import assert_same_training
 
 STEPS, HALF = 8, 4
 
@@ -83,10 +83,6 @@ def _rank_single(job: JobConfig, out: Path, resume: Path | None) -> None:
     (out / "losses.json").write_text(json.dumps(losses.losses))
 
 
-def close(a: list[float], b: list[float]) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=1e-5) for x, y in zip(a, b, strict=True))
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """An uninterrupted 2-rank run, and one stopped at step HALF (its checkpoint is where a killed run resumes)."""
@@ -99,7 +95,7 @@ def two_ranks(tmp_path_factory):
 def test_two_ranks_train_as_one_rank_with_their_joint_batch(two_ranks, tmp_path):
     _, full, _ = two_ranks
     single = run(tmp_path, "single", world=1, batch=4, steps=STEPS)
-    assert close(full, single), (full, single)
+    assert_same_training(full, single)
     assert len(set(full)) == STEPS  # the losses move: the comparison is not between constants
 
 
@@ -107,10 +103,10 @@ def test_a_two_rank_run_resumes_mid_epoch_on_two_ranks(two_ranks, tmp_path):
     _, full, checkpoint = two_ranks
     assert json.loads((checkpoint / "meta.json").read_text())["state"]["samples_in_epoch"] == HALF * 4
     resumed = run(tmp_path, "resumed", world=2, batch=2, steps=STEPS, resume=checkpoint)
-    assert close(resumed, full[HALF:]), (resumed, full[HALF:])
+    assert_same_training(resumed, full[HALF:], first_step=HALF + 1)
 
 
 def test_a_two_rank_run_resumes_mid_epoch_on_one_rank(two_ranks, tmp_path):
     _, full, checkpoint = two_ranks
     resumed = run(tmp_path, "one", world=1, batch=4, steps=STEPS, resume=checkpoint)
-    assert close(resumed, full[HALF:]), (resumed, full[HALF:])
+    assert_same_training(resumed, full[HALF:], first_step=HALF + 1)

@@ -72,7 +72,7 @@ for step in (1, 2):
 def test_checkpoint_survives_a_writer_killed_mid_save(tmp_path, stage, step):
     """SIGKILL a process at a given point of its second save: the folder loads, whole, as the first or second save."""
     target = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, "-c", SAVER, str(target), stage], cwd=REPO, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", SAVER, str(target), stage], cwd=REPO, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     ckpt = load_checkpoint(target)
     assert ckpt.state.step == step

@@ -52,7 +52,7 @@ def _runs(client: MlflowClient, role: str) -> list:
 def _sample(work: Path, checkpoint: str) -> str:
     args = [sys.executable, "-m", "orchestrator", "sample", checkpoint, "--prompt", PROMPT]
     proc = subprocess.run(
-        [*args, "--max-new-tokens", str(NEW_TOKENS)], cwd=work, capture_output=True, text=True, timeout=120
+        [*args, "--max-new-tokens", str(NEW_TOKENS)], cwd=work, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.rstrip("\n")
@@ -119,7 +119,7 @@ def _fake_sweep(client: MlflowClient, sweep_id: str, *, checkpoint: str, val_los
 
 def _register(work: Path, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "orchestrator", "register", NAME, *args]
-    return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=180)
+    return subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
 
 
 def test_worse_sweep_does_not_move_best(sweep):
@@ -167,12 +167,12 @@ def test_mlflow_models_serve_answers_rest(sweep):
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    with _serve(command, port, work / "serve.log", env=env, timeout=180):
+    with _serve(command, port, work / "serve.log", env=env, timeout=300):
         body = json.dumps({"inputs": [PROMPT], "params": {"max_new_tokens": NEW_TOKENS}}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=300) as response:
             answer = json.loads(response.read())
     assert answer == {"predictions": [_sample(work, child.data.tags["best_checkpoint"])]}
 

@@ -141,8 +141,8 @@ def test_prepare_verb(tmp_path):
     corpus = tmp_path / "book.txt"
     corpus.write_text(" ".join(DOCS))
     argv = [sys.executable, "-m", "orchestrator", "prepare", str(corpus), "--storage", str(tmp_path / "st")]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "train and" in proc.stdout and str(tmp_path / "st" / "datasets") in proc.stdout
-    bad = subprocess.run([*argv[:4], str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*argv[:4], str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "nope.txt' not found" in bad.stderr

@@ -101,7 +101,7 @@ def test_resume_with_set_exits_2_from_the_command_line(started):
         cwd=work,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 2, proc
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "cannot take --set;" in proc.stderr

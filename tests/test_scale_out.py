@@ -24,7 +24,18 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import S3_ENV, RayCluster, enter_concurrently, mlflow_server, moto_s3, psutil, ray_cluster, stop
+from tests.curves import assert_same_training
+from tests.servers import (
+    PATIENCE_S,
+    S3_ENV,
+    RayCluster,
+    enter_concurrently,
+    mlflow_server,
+    moto_s3,
+    psutil,
+    ray_cluster,
+    stop,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -70,7 +81,7 @@ def _registered_checkpoint(fs: pafs.FileSystem) -> bool:
     return False
 
 
-def kill_worker_after_first_checkpoint(cluster: RayCluster, sweep: subprocess.Popen, timeout: float = 240):
+def kill_worker_after_first_checkpoint(cluster: RayCluster, sweep: subprocess.Popen, timeout: float = PATIENCE_S):
     """SIGKILL the Ray Train worker on node1 once a checkpoint is in the bucket; returns (workers' nodes, killed,
     the kinds of actor then alive)."""
     fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
@@ -119,7 +130,7 @@ def scale_out(tmp_path_factory):
             )
         try:
             worker_nodes, killed, actors = kill_worker_after_first_checkpoint(cluster, sweep)
-            sweep.wait(timeout=300)
+            sweep.wait(timeout=2 * PATIENCE_S)
         finally:
             stop(sweep)
         stdout, stderr = (work / "run.out").read_text(), (work / "run.err").read_text()
@@ -166,9 +177,8 @@ def test_ddp_trial_resumed_from_the_s3_checkpoint_logged_over_http(scale_out):
 
 def test_two_ray_train_workers_train_as_one_process_on_their_joint_batch(scale_out):
     """Gradients are synchronised across the Ray Train workers: the trial's 2 workers x batch 4 (one killed and the
-    group resumed on the way) log the losses and validation curve of one process training on batch 8."""
-    import math
-
+    group resumed on the way) log the losses and validation curve of one process training on batch 8, but for the
+    rounding of sums taken in another order (`tests.curves`)."""
     import torch
 
     from gptcore.config import JobConfig
@@ -194,8 +204,8 @@ def test_two_ray_train_workers_train_as_one_process_on_their_joint_batch(scale_o
         torch.set_num_threads(threads)
     for key, single in curves.items():
         logged = {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
-        assert sorted(logged) == sorted(single) and len(set(single.values())) == len(single), key
-        assert all(math.isclose(logged[s], single[s], rel_tol=0, abs_tol=1e-4) for s in single), (key, logged, single)
+        assert len(set(single.values())) == len(single), key  # the losses move: not a comparison of constants
+        assert_same_training(logged, single)
 
 
 def test_artifacts_go_through_the_tracking_server(scale_out):
@@ -229,7 +239,7 @@ def test_sample_loads_the_best_checkpoint_from_s3(scale_out):
         cwd=scale_out.work,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("Every effort moves you")

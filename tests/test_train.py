@@ -237,3 +237,20 @@ def test_an_epoch_checkpoint_waits_for_the_next_evaluation():
 
 def test_without_evaluations_an_epoch_is_checkpointed_at_its_end():
     assert schedule_points(20, 9, eval_every=0) == [(9, True, True), (18, True, True), (20, True, True)]
+
+
+def test_each_epoch_reads_the_windows_in_an_order_of_its_own():
+    """With a learning rate too small to move the weights, a step's loss is its batch's alone: epochs read in one
+    order would log the same losses, step for step."""
+    job = tiny_job(
+        train={"max_steps": None, "epochs": 2, "lr": 1e-12, "lr_schedule": "constant", "eval_every": 0},
+    )
+    recorder = Recorder()
+    train(job, recorder, device="cpu")
+    losses = [metrics["loss"] for _, metrics in recorder.steps]
+    half = len(losses) // 2
+    first, second = losses[:half], losses[half:]
+    assert len(first) == len(second) > 4
+    assert max(abs(a - b) for a, b in zip(first, second, strict=True)) > 1e-2, (first, second)
+    # the same windows, seen again: the epoch's mean loss is the same, but for batches grouped otherwise
+    assert sum(second) / half == pytest.approx(sum(first) / half, rel=1e-3)

@@ -60,4 +60,4 @@ def test_what_ignores_sigterm_is_killed(tmp_path):
     started = time.monotonic()
     stop_process_group(proc, timeout=1)
     assert group(proc.pid) == [] and proc.returncode == -signal.SIGTERM
-    assert 1 <= time.monotonic() - started < 8
+    assert 1 <= time.monotonic() - started < 30  # killed, not left to its 60 s sleep
