@@ -24,7 +24,7 @@ from ray.train import CheckpointUploadMode
 from gptcore.hardware import model_flops_utilisation, peak_flops
 from gptcore.train import CheckpointSaver, Hooks, TrainContext, TrainResult, TrainState
 from orchestrator.system_metrics import TrialSystemMetrics, start_system_metrics
-from orchestrator.tracking import STATUS_TAG, RunLogger
+from orchestrator.tracking import STATUS_TAG, STORE_PATIENCE_S, RunLogger
 
 UploadFn = Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "epoch")
@@ -208,7 +208,7 @@ class MlflowLogging(Hooks):
             {"wall_time_s": result.wall_time, "avg_tokens_per_sec": result.tokens_per_sec}, step=state.step
         )
         self.logger.set_tags({STATUS_TAG: result.status})
-        self.logger.flush()
+        self.logger.flush(timeout=STORE_PATIENCE_S)  # a trial's results wait out a server restart, not lost at once
         try:
             from orchestrator.report import log_trial_curve
 

@@ -50,6 +50,7 @@ from orchestrator.tracking import (
     mlflow_status,
     resolve_tracking_uri,
     source_tags,
+    wait_until_reachable,
 )
 from orchestrator.trial import run_trial
 
@@ -500,6 +501,7 @@ def run_sweep(
     try:
         print(f"sweep {sweep_id}: MLflow parent run {settings.parent_run_id} at {settings.tracking_uri}", flush=True)
         grid = _tuner(specs, settings, join_path(storage, sweep_id), options).fit()
+        wait_until_reachable(settings.tracking_uri)  # a server that went down mid-sweep: record the results once back
         statuses = _reconcile(tracker, settings, grid, list(specs))
     finally:
         ray.shutdown()

@@ -88,6 +88,40 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+# How long the end of a trial or of a sweep waits for a tracking server that went down: their results are recorded
+# there, and a server restarted within minutes should cost nothing.
+STORE_PATIENCE_S = 600.0
+
+
+def wait_until_reachable(uri: str, patience_s: float = STORE_PATIENCE_S) -> None:
+    """Return once the tracking server at ``uri`` answers (at once for a local store); print once while it does not,
+    and raise `TrackingError` after ``patience_s``."""
+    if urllib.parse.urlparse(uri).scheme not in ("http", "https"):
+        return
+    client, deadline, said = client_for(uri), time.monotonic() + patience_s, False
+    while True:
+        try:
+            client.search_experiments(max_results=1)
+            break
+        except Exception as exc:  # refused, timed out, 5xx: the server is down or restarting
+            if time.monotonic() > deadline:
+                raise TrackingError(
+                    f"MLflow tracking server {uri} has not answered for {patience_s:.0f} s "
+                    f"({type(exc).__name__}); the trials' checkpoints are kept in storage: once the server is back, "
+                    "record their results with python -m orchestrator run EXPERIMENT_FILE --resume"
+                ) from None
+            if not said:
+                print(
+                    f"[mlflow] tracking server {uri} unreachable; waiting for it to record the results "
+                    f"(up to {patience_s:.0f} s)",
+                    flush=True,
+                )
+                said = True
+            time.sleep(2.0)
+    if said:
+        print(f"[mlflow] tracking server {uri} is back", flush=True)
+
+
 def is_loopback(host: str | None) -> bool:
     """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
     try:

@@ -103,3 +103,29 @@ def test_an_evaluation_does_not_wait_for_a_store_found_down():
         assert logger.flush(timeout=0.5) is False  # the queue is kept
     finally:
         logger.close(timeout=0.1)
+
+
+def test_the_end_of_a_sweep_waits_for_a_tracking_server_that_comes_back(tmp_path, capsys):
+    """What a sweep's driver (and a trial's end) does before recording results: wait while the server is down."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.tracking import wait_until_reachable
+    from tests.servers import free_port, mlflow_server
+
+    port = free_port()
+    with ThreadPoolExecutor(1) as pool:
+        waited = pool.submit(wait_until_reachable, f"http://127.0.0.1:{port}", 300)
+        time.sleep(3)
+        assert not waited.done()  # nothing answers yet
+        with mlflow_server(tmp_path, port):
+            waited.result(timeout=300)  # returns (without an error) once the server answers
+    out = capsys.readouterr().out
+    assert f"tracking server http://127.0.0.1:{port} unreachable; waiting for it" in out and "is back" in out
+
+
+def test_a_tracking_server_that_stays_down_ends_the_wait_with_one_clear_error():
+    from orchestrator.tracking import TrackingError, wait_until_reachable
+    from tests.servers import free_port
+
+    with pytest.raises(TrackingError, match=r"has not answered for 1 s .* --resume"):
+        wait_until_reachable(f"http://127.0.0.1:{free_port()}", patience_s=1)
