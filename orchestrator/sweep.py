@@ -390,7 +390,6 @@ def start_local_ray(env: dict[str, str], dashboard: bool) -> None:
     import psutil
     import ray
 
-    failures = []
     for attempt in range(1, LOCAL_RAY_START_ATTEMPTS + 1):
         port = _free_port() if dashboard else None
         if port is not None:
@@ -406,21 +405,21 @@ def start_local_ray(env: dict[str, str], dashboard: bool) -> None:
             )
             return
         except Exception as exc:  # Ray raises a bare Exception for a missed start deadline
-            if not is_start_timeout(exc):
+            if not _is_start_timeout(exc):
                 raise
-            failures.append(f"attempt {attempt}: {exc}")
+            last = exc
             ray.shutdown()
             _kill_processes_started_since(before)
             print(f"The local Ray did not start (attempt {attempt} of {LOCAL_RAY_START_ATTEMPTS}): {exc}", flush=True)
     load = os.getloadavg()[0]
     raise SweepError(
         f"the local Ray did not start in {LOCAL_RAY_START_ATTEMPTS} attempts on this machine (load average "
-        f"{load:.1f} on {os.cpu_count()} CPUs): {failures[-1]}; run again when the machine is less busy, or start Ray "
+        f"{load:.1f} on {os.cpu_count()} CPUs): {last}; run again when the machine is less busy, or start Ray "
         "yourself (`ray start --head`) and pass its address with --address"
     )
 
 
-def is_start_timeout(exc: BaseException) -> bool:
+def _is_start_timeout(exc: BaseException) -> bool:
     """Whether ``exc`` is Ray giving up on a node that did not come up in time (not a bad setting)."""
     text = str(exc)
     return isinstance(exc, TimeoutError) or "timed out during startup" in text or "Deadline Exceeded" in text

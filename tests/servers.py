@@ -276,8 +276,9 @@ class Cli:
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
         self.log = cwd / f"cli-{time.monotonic_ns()}.log"
+        starts_ray = args[0] == "run" and "--address" not in args
         starting = contextlib.ExitStack()
-        if args[0] == "run" and "--address" not in args:
+        if starts_ray:
             starting.enter_context(one_start_at_a_time())
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
@@ -287,7 +288,8 @@ class Cli:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})},
             )
-        threading.Thread(target=self._release_once_ray_is_up, args=(starting,), daemon=True).start()
+        if starts_ray:
+            threading.Thread(target=self._release_once_ray_is_up, args=(starting,), daemon=True).start()
 
     def _release_once_ray_is_up(self, starting: contextlib.ExitStack) -> None:
         with starting:
