@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gptcore.cache import atomic_write_bytes, cache_dir
+from gptcore.cache import cache_dir
 from gptcore.config import DataConfig, JobConfig
+from gptcore.files import atomic_write_bytes
 from gptcore.shards import (
     TEXT_SUFFIXES,
     DataError,

@@ -20,7 +20,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN  # GPT-2's pre-tokenizer regex
 
-from gptcore.cache import atomic_write_bytes, cache_dir
+from gptcore.cache import cache_dir
+from gptcore.files import atomic_write_bytes
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
