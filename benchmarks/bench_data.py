@@ -259,7 +259,7 @@ class Watch:
                 t = proc.cpu_times()
                 self.first.setdefault(proc.pid, t.user + t.system if initial else 0.0)
                 self.last[proc.pid] = t.user + t.system
-        for proc in self.cluster.processes("ray::_group_task") if self.cluster else []:
+        for proc in self.cluster.processes("ray::group_task") if self.cluster else []:
             if node := self.cluster.node_of(proc.pid):
                 self.nodes.add(node)
 
@@ -320,9 +320,9 @@ def side_prepare(folder: Path, storage: Path, address: str | None) -> dict[str, 
     import ray
 
     from gptcore.config import DataConfig
-    from gptcore.data import plan_corpus
+    from gptcore.corpus import plan_corpus
+    from orchestrator.cluster import connect_ray
     from orchestrator.prepare import needs_ray, prepare, read_dataset_manifest
-    from orchestrator.sweep import connect_ray
 
     with TreeMemory() as memory:
         before = memory.sample()
@@ -360,7 +360,8 @@ def side_prepare(folder: Path, storage: Path, address: str | None) -> dict[str, 
 def side_train(folder: Path, corpus_folder: Path) -> dict[str, Any]:
     """A few training steps on a prepared folder: RSS once the data, model and optimizer are built, and at peak."""
     from gptcore.config import JobConfig
-    from gptcore.train import Hooks, train
+    from gptcore.hooks import Hooks
+    from gptcore.train import train
 
     class AtStart(Hooks):
         def on_train_start(self, ctx: Any, state: Any) -> None:

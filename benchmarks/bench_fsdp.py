@@ -49,8 +49,9 @@ def _rank(rank: int, init: str, args: argparse.Namespace, out: str) -> None:
 
     from gptcore.config import JobConfig
     from gptcore.model import GPT
+    from gptcore.optimizer import configure_optimizer
     from gptcore.parallel import leave_process_group, shard_model
-    from gptcore.train import configure_optimizer, forward_backward_step, optimizer_step
+    from gptcore.train import forward_backward_step, optimizer_step
 
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)

@@ -88,8 +88,8 @@ def measure(side: str, new_tokens: int, repeats: int) -> dict[str, Any]:
     else:
         from gptcore.config import model_config
         from gptcore.model import GPT
+        from gptcore.runtime import autocast
         from gptcore.sampling import generate
-        from gptcore.train import autocast
 
         model = GPT(model_config(**OUR_MODEL))
         model.load_state_dict(book_to_gptcore(book))

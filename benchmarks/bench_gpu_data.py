@@ -52,11 +52,11 @@ def generate(folder: Path, megabytes: int, seed: int = 0) -> None:
 
 def prepare(corpus: Path, out: Path, workers: int) -> dict[str, float]:
     """The whole corpus on ``workers`` processes (one group each at a time), then group 0 again in this process."""
-    import gptcore.corpus as data
+    import gptcore.corpus
     from gptcore.config import DataConfig
-    from gptcore.data import finish_dataset, plan_corpus, prepare_group
+    from gptcore.corpus import finish_dataset, plan_corpus, prepare_group
 
-    data.GROUP_BYTES = 16 << 20  # enough groups for every core
+    gptcore.corpus.GROUP_BYTES = 16 << 20  # enough groups for every core
     plan = plan_corpus(DataConfig(corpus=str(corpus)))
     folder = out / plan.key
     groups = range(len(plan.groups))
@@ -81,8 +81,9 @@ def loop(folder: Path, steps: int) -> dict[str, float]:
 
     from gptcore.config import JobConfig
     from gptcore.hardware import model_flops_utilisation, peak_flops
+    from gptcore.hooks import Hooks
     from gptcore.model import GPT
-    from gptcore.train import Hooks, train
+    from gptcore.train import train
 
     job = JobConfig.from_dict(
         {

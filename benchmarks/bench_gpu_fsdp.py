@@ -73,7 +73,8 @@ def main() -> int:
     from gptcore.config import JobConfig
     from gptcore.data import SlidingWindowDataset
     from gptcore.hardware import model_flops_utilisation, peak_flops
-    from gptcore.train import Hooks, train
+    from gptcore.hooks import Hooks
+    from gptcore.train import train
 
     device = torch.device(args.device)
     if device.type == "cuda":

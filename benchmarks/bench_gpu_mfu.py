@@ -55,7 +55,8 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from gptcore.config import JobConfig
     from gptcore.model import GPT
-    from gptcore.train import configure_optimizer, resolve_precision
+    from gptcore.optimizer import configure_optimizer
+    from gptcore.runtime import resolve_precision
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

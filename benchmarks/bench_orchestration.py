@@ -74,7 +74,8 @@ def run_sweep(overrides: list[str], workdir: Path) -> dict[str, Any]:
 
 def measure_plain(overrides: list[str], mlflow: bool, workdir: Path) -> dict[str, Any]:
     """The sweep's trainings in this process (optionally logging to MLflow as the workers do)."""
-    from gptcore.train import Hooks, train
+    from gptcore.hooks import Hooks
+    from gptcore.train import train
     from orchestrator.experiment import expand_trials, load_experiment, parse_overrides
 
     experiment = load_experiment(EXPERIMENT)

@@ -55,7 +55,8 @@ def measure_ours(precision: str, warmup: int, steps: int) -> dict[str, Any]:
 
     from gptcore.config import JobConfig
     from gptcore.model import GPT
-    from gptcore.train import configure_optimizer, keep_freed_memory_mapped, resolve_precision
+    from gptcore.optimizer import configure_optimizer
+    from gptcore.runtime import keep_freed_memory_mapped, resolve_precision
 
     device = torch.device("cpu")
     keep_freed_memory_mapped()  # as train() does on CPU

@@ -12,7 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from gptcore.train import HookList, Hooks, PrintProgress, train
+from gptcore.hooks import HookList, Hooks, PrintProgress
+from gptcore.train import train
 from orchestrator.experiment import expand_trials, load_experiment
 
 BOOK = {"final_train_loss": 0.569, "final_val_loss": 6.373, "best_val_loss": 6.123}

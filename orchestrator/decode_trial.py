@@ -18,6 +18,7 @@ from orchestrator.decoding import DECODE_METRICS, DecodeConfig
 
 if TYPE_CHECKING:
     from orchestrator.settings import SweepSettings
+    from orchestrator.trial_spec import TrialSpec
 
 
 def sample_and_measure(
@@ -31,9 +32,9 @@ def sample_and_measure(
     import torch
 
     from gptcore.metrics import distinct_n, repetition_rate, self_perplexity
+    from gptcore.runtime import autocast, resolve_precision
     from gptcore.sampling import generate
     from gptcore.tokenizer import EOT_ID, decode, encode
-    from gptcore.train import autocast, resolve_precision
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -75,17 +76,16 @@ def sample_and_measure(
 # --------------------------------------------------------------------------- the Tune trial
 
 
-def decode_trainable(specs: dict[str, dict[str, Any]], settings: SweepSettings):
+def decode_trainable(specs: dict[str, TrialSpec], settings: SweepSettings):
     """`run_decode_trial` with its specs and resources (the trial itself samples: a CPU, or a GPU)."""
     import ray.tune
 
-    resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
     return ray.tune.with_resources(
-        ray.tune.with_parameters(run_decode_trial, specs=specs, settings=settings), resources
+        ray.tune.with_parameters(run_decode_trial, specs=specs, settings=settings), settings.worker_resources()
     )
 
 
-def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: SweepSettings) -> None:
+def run_decode_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
     """Load the checkpoint, sample and measure, log to the trial's MLflow run, report to Tune."""
     import socket
     import tempfile
@@ -94,16 +94,17 @@ def run_decode_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], s
     import torch
 
     from gptcore.checkpoint import load_model
-    from gptcore.train import resolve_device
+    from gptcore.runtime import resolve_device
+    from orchestrator.settings import torch_threads
     from orchestrator.storage import local_copy
     from orchestrator.tracking import STATUS_TAG, RunLogger
 
-    name = config["trial"]
-    decode = DecodeConfig.from_dict(specs[name]["config"]["decode"])
+    spec = specs[config["trial"]]
+    name, decode = spec.name, spec.job
     device = resolve_device(decode.device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
-    logger = RunLogger(settings.tracking_uri, specs[name]["run_id"])
+        torch.set_num_threads(torch_threads(settings.cpus_per_worker))
+    logger = RunLogger(settings.tracking_uri, spec.run_id)
     try:
         logger.set_tags(
             {

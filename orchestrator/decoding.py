@@ -28,7 +28,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptcore.config import ConfigError, _build, _finite_number, _non_negative_int, _positive_int, _require
+from gptcore.config import (
+    PRECISIONS,
+    ConfigError,
+    Precision,
+    build_section,
+    finite_number,
+    non_negative_int,
+    positive_int,
+    require,
+)
 
 BEST_PREFIX = "best:"
 DECODE_KIND = "decode"  # Experiment(kind=...) of a decode sweep; the other kind is "train"
@@ -48,33 +57,33 @@ class DecodeConfig:
     top_p: float | None = None
     seed: int = 123
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = "auto"
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.checkpoint, str) and self.checkpoint.strip() != "",
             "decode.checkpoint",
             "is not set; pass a checkpoint folder or best:<experiment>, e.g. --set decode.checkpoint=best:lr_sweep",
         )
-        _require(
+        require(
             isinstance(self.prompts, (list, tuple)) and len(self.prompts) > 0 and all(self.prompts),
             "decode.prompts",
             f"must be a non-empty list of non-empty strings, got {self.prompts!r}",
         )
-        _require(all(isinstance(p, str) for p in self.prompts), "decode.prompts", "must hold strings")
+        require(all(isinstance(p, str) for p in self.prompts), "decode.prompts", "must hold strings")
         object.__setattr__(self, "prompts", list(self.prompts))
         for name in ("num_samples", "max_new_tokens"):
-            _positive_int(getattr(self, name), f"decode.{name}")
-        _non_negative_int(self.seed, "decode.seed")
-        _finite_number(self.temperature, "decode.temperature", low=0.0, high=100.0)
+            positive_int(getattr(self, name), f"decode.{name}")
+        non_negative_int(self.seed, "decode.seed")
+        finite_number(self.temperature, "decode.temperature", low=0.0, high=100.0)
         if self.top_k is not None:
-            _positive_int(self.top_k, "decode.top_k")
+            positive_int(self.top_k, "decode.top_k")
         if self.top_p is not None:
-            _finite_number(self.top_p, "decode.top_p", low=0.0, high=1.0, low_open=True)
-        _require(
-            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            finite_number(self.top_p, "decode.top_p", low=0.0, high=1.0, low_open=True)
+        require(
+            self.precision in PRECISIONS,
             "decode.precision",
-            f"must be one of auto, fp32, bf16, fp16, got {self.precision!r}",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
 
     def flat(self) -> dict[str, Any]:
@@ -83,7 +92,7 @@ class DecodeConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DecodeConfig:
-        return _build(cls, raw, "decode")
+        return build_section(cls, raw, "decode")
 
 
 def is_decode(kind: str) -> bool:

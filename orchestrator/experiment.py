@@ -21,18 +21,17 @@ A ``kind="decode"`` experiment samples from one trained checkpoint instead, over
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import json
 import re
 import runpy
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gptcore.config import ConfigError, JobConfig, field_type, nest, valid_keys
+from gptcore.config import ConfigError, JobConfig, did_you_mean, field_type, nest, valid_keys
 from orchestrator.decoding import DECODE_METRICS, DecodeConfig, decode_field_type, decode_keys, is_decode
 
 TRAIN_METRICS = ("val_loss", "train_loss", "best_val_loss", "val_perplexity")
@@ -153,6 +152,10 @@ class Experiment:
         """A decode sweep (samples from one trained checkpoint) rather than a training sweep."""
         return is_decode(self.kind)
 
+    def scheduler_settings(self) -> dict[str, Any] | None:
+        """The scheduler's fields, as a sweep saves them (None without a scheduler)."""
+        return asdict(self.scheduler) if self.scheduler else None
+
     def base_config(self) -> dict[str, dict[str, Any]]:
         """The nested raw config every trial starts from."""
         if self.is_decode:
@@ -165,20 +168,20 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Trial:
-    """One point of the grid: a deterministic name, its grid values and its full configuration."""
+    """One point of the grid: a deterministic name, its grid values and its validated job."""
 
     index: int
     name: str
     params: dict[str, Any]  # grid values, by dotted key
-    config: dict[str, dict[str, Any]]  # nested raw config (preset + overrides)
     job: JobConfig | DecodeConfig
+    preset: str = ""  # a training trial's model preset, the name its job's model was built from
 
     @property
     def tags(self) -> dict[str, str]:
         """MLflow tags of the trial's run that come from its configuration."""
         if isinstance(self.job, DecodeConfig):
             return {"seed": str(self.job.seed), "kind": "decode"}
-        return {"seed": str(self.job.train.seed), "model.preset": str(self.config["model"].get("preset", ""))}
+        return {"seed": str(self.job.train.seed), "model.preset": self.preset}
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -251,8 +254,8 @@ def parse_overrides(items: Sequence[str], kind: str = "train") -> dict[str, Any]
             raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
         if key not in keys:
             which = "decode config key" if is_decode(kind) else "config key"
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.85)
-            hint = f"did you mean {close[0]}? " if close else ""
+            suggestion = did_you_mean(key, keys)
+            hint = f"{suggestion} " if suggestion else ""
             raise ExperimentError(f"--set {key}: unknown {which}; {hint}valid keys: {', '.join(keys)}")
         out[key] = _coerce(key, parse_value(text))
     return out
@@ -306,5 +309,6 @@ def expand_trials(experiment: Experiment, overrides: dict[str, Any] | None = Non
             job = DecodeConfig.from_dict(config["decode"]) if experiment.is_decode else JobConfig.from_dict(config)
         except ConfigError as exc:
             raise ExperimentError(f"trial {name}: {exc}") from None
-        trials.append(Trial(index, name, params, config, job))
+        preset = "" if experiment.is_decode else str(config["model"].get("preset", ""))
+        trials.append(Trial(index, name, params, job, preset))
     return trials

@@ -21,13 +21,29 @@ import ray.train
 import torch
 from ray.train import CheckpointUploadMode
 
+from gptcore.checkpoint_format import TrainState
+from gptcore.checkpointing import CheckpointSaver
 from gptcore.hardware import model_flops_utilisation, peak_flops
-from gptcore.train import CheckpointSaver, Hooks, TrainContext, TrainResult, TrainState
+from gptcore.hooks import Hooks, TrainContext, TrainResult
 from orchestrator.system_metrics import TrialSystemMetrics, start_system_metrics
 from orchestrator.tracking import STATUS_TAG, STORE_PATIENCE_S, RunLogger
 
 UploadFn = Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]
 STEP_METRICS = ("loss", "lr", "grad_norm", "tokens_seen", "tokens_per_sec", "epoch")
+
+
+class StepClock:
+    """Seconds per step since training (re)started, and the time left at that pace."""
+
+    def __init__(self) -> None:
+        self.started, self.start_step = time.perf_counter(), 0
+
+    def start(self, step: int) -> None:
+        self.started, self.start_step = time.perf_counter(), step
+
+    def eta_s(self, step: int, total_steps: int) -> float:
+        per_step = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
+        return per_step * max(total_steps - step, 0)
 
 
 class RayReporter(Hooks):
@@ -38,21 +54,18 @@ class RayReporter(Hooks):
     """
 
     def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.start_step = 0
+        self.clock = StepClock()
         self.last: dict[str, Any] = {}
 
     def on_train_start(self, ctx: TrainContext, state: TrainState) -> None:
-        self.started, self.start_step = time.perf_counter(), state.step
+        self.clock.start(state.step)
 
     def _progress(self, ctx: TrainContext, state: TrainState) -> dict[str, float]:
-        done = state.step - self.start_step
-        per_step = (time.perf_counter() - self.started) / max(done, 1)
         return {
             "step": state.step,
             "epoch": round(ctx.epochs_done(state), 3),
             "tokens_seen": state.tokens_seen,
-            "eta_s": round(per_step * max(ctx.total_steps - state.step, 0), 1),
+            "eta_s": round(self.clock.eta_s(state.step, ctx.total_steps), 1),
         }
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:
@@ -116,11 +129,10 @@ class ConsoleProgress(Hooks):
 
     def __init__(self, trial: str):
         self.trial = trial
-        self.started = time.perf_counter()
-        self.start_step = 0
+        self.clock = StepClock()
 
     def on_train_start(self, ctx, state) -> None:
-        self.started, self.start_step = time.perf_counter(), state.step
+        self.clock.start(state.step)
         resumed = f", resumed from step {state.step}" if ctx.resumed_from else ""
         print(
             f"[{self.trial}] {ctx.total_steps} steps ({ctx.steps_per_epoch}/epoch), {ctx.train_windows} train / "
@@ -129,8 +141,7 @@ class ConsoleProgress(Hooks):
         )
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:
-        done = state.step - self.start_step
-        eta = (time.perf_counter() - self.started) / max(done, 1) * max(ctx.total_steps - state.step, 0)
+        eta = self.clock.eta_s(state.step, ctx.total_steps)
         print(
             f"[{self.trial}] step {state.step}/{ctx.total_steps} epoch {ctx.epochs_done(state):.2f} "
             f"train {metrics['train_loss']:.3f} val {metrics['val_loss']:.3f} "

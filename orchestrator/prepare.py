@@ -1,6 +1,6 @@
 """Prepare corpora once, on the Ray cluster: groups of input files tokenized in parallel into token shards.
 
-``<storage>/datasets/<key>/`` holds what `gptcore.data.prepare_dataset` writes on one machine (shards,
+``<storage>/datasets/<key>/`` holds what `gptcore.corpus.prepare_dataset` writes on one machine (shards,
 ``parts/g*.json`` per finished group, ``manifest.json`` last), on a local/NFS folder or an object store. Each
 group is one Ray task (1 CPU, one document in memory at a time): plain tasks rather than Ray Data, whose actor
 pools can take every CPU of a 2-CPU node and starve their own readers, and whose readers split text by line.
@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
@@ -24,26 +23,9 @@ from typing import TextIO
 import pyarrow.fs as pafs
 
 from gptcore.cache import cache_dir
-from gptcore.config import JobConfig
-from gptcore.corpus import (
-    PARTS,
-    CorpusPlan,
-    finish_dataset,
-    locked,
-    plan_corpus,
-    prepare_dataset,
-    prepare_group,
-)
-from gptcore.shards import (
-    HEADER_BYTES,
-    MANIFEST,
-    DataError,
-    GroupResult,
-    Manifest,
-    read_manifest,
-    shard_path,
-    verify_shards,
-)
+from gptcore.corpus import CorpusPlan, finish_dataset, locked, prepare_dataset, prepare_group
+from gptcore.shards import MANIFEST, DataError, Manifest, read_manifest, shard_bytes, shard_path, verify_shards
+from gptcore.tokenizing import GroupResult, group_record_name
 from orchestrator.storage import check_writable, filesystem, is_uri, join, local_path, read_json, write_json
 
 DATASETS = "datasets"
@@ -52,15 +34,6 @@ LOCAL_BYTES = 64 << 20  # a corpus this small is tokenized in the driver, before
 
 def dataset_location(storage: str, key: str) -> str:
     return join(storage, DATASETS, key)
-
-
-def plan_corpora(jobs: Iterable[JobConfig]) -> dict[str, CorpusPlan]:
-    """Each distinct corpus of ``jobs`` resolved and fingerprinted, by key (cheap: no file is read)."""
-    plans: dict[str, CorpusPlan] = {}
-    for job in jobs:
-        plan = plan_corpus(job.data)
-        plans.setdefault(plan.key, plan)
-    return plans
 
 
 def read_dataset_manifest(location: str) -> Manifest | None:
@@ -96,11 +69,11 @@ def publish(folder: Path, location: str) -> None:
 # --------------------------------------------------------------------------- the Ray task
 
 
-def _group_task(plan: CorpusPlan, group: int, location: str) -> dict:
-    """Tokenize group ``group`` into ``location``; returns its record (as a dict)."""
+def group_task(plan: CorpusPlan, group: int, location: str) -> dict:
+    """The Ray task of one group: tokenize group ``group`` into ``location``; returns its record (as a dict)."""
     if not is_uri(location):
         return asdict(prepare_group(plan, group, local_path(location)))
-    done = read_json(join(location, PARTS, f"g{group:05d}.json"))
+    done = read_json(join(location, group_record_name(group)))
     if done is not None and _uploaded(location, done["shards"]):
         return done
     with tempfile.TemporaryDirectory(prefix="gptcore-prepare-") as scratch:
@@ -113,7 +86,7 @@ def _group_task(plan: CorpusPlan, group: int, location: str) -> dict:
                 fs.open_output_stream(f"{base}/{shard['file']}") as out,
             ):
                 shutil.copyfileobj(src, out, 8 << 20)
-        write_json(join(location, PARTS, f"g{group:05d}.json"), asdict(result))
+        write_json(join(location, group_record_name(group)), asdict(result))
     return asdict(result)
 
 
@@ -121,7 +94,7 @@ def _uploaded(location: str, shards: list[dict]) -> bool:
     fs, base = filesystem(location)
     infos = fs.get_file_info([f"{base}/{s['file']}" for s in shards])
     return all(
-        i.type == pafs.FileType.File and i.size == 1024 + 2 * s["tokens"] for i, s in zip(infos, shards, strict=True)
+        i.type == pafs.FileType.File and i.size == shard_bytes(s["tokens"]) for i, s in zip(infos, shards, strict=True)
     )
 
 
@@ -149,7 +122,7 @@ def prepare(plan: CorpusPlan, storage: str, *, out: TextIO | None = None) -> str
     if plan.split == "given":  # llm.c shards used where they are: only a manifest to write
         _write_manifest(plan, location, [])
         return location
-    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_group_task)
+    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(group_task)
     pending = {task.remote(plan, g, location): g for g in range(len(plan.groups))}
     progress = Progress(plan, out or sys.stdout)
     results: list[GroupResult] = []
@@ -267,7 +240,7 @@ def _download(location: str, folder: Path) -> None:
     fs, base = filesystem(location)
     for shard in manifest.shards:
         target = folder / shard["file"]
-        if target.is_file() and target.stat().st_size == HEADER_BYTES + 2 * shard["tokens"]:
+        if target.is_file() and target.stat().st_size == shard_bytes(shard["tokens"]):
             continue  # fetched by an earlier, interrupted copy
         with fs.open_input_stream(f"{base}/{shard['file']}") as src, open(target.with_suffix(".part"), "wb") as out:
             shutil.copyfileobj(src, out, 8 << 20)
@@ -278,7 +251,7 @@ def _download(location: str, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         raise DataError(f"{location}: {exc}") from None
     (folder / MANIFEST).write_text(manifest.to_json())
-    size = sum(HEADER_BYTES + 2 * s["tokens"] for s in manifest.shards)
+    size = sum(shard_bytes(s["tokens"]) for s in manifest.shards)
     print(
         f"fetched dataset {manifest.key} from {location}: {len(manifest.shards)} shard(s), {size / 1e6:.1f} MB in "
         f"{time.perf_counter() - started:.1f} s",

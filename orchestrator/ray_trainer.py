@@ -10,9 +10,9 @@ from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 class ShardTrainer(TorchTrainer):
     """A `TorchTrainer` given no Ray Dataset (gptcore reads its shards itself) starts no `DatasetManager`.
 
-    Ray Train 2.60 adds its `DatasetsCallback` to every run, and the callback starts a `DatasetManager` actor at every
-    worker-group start, datasets or none: one more process per trial start (and per restart after a failure), ~1.6
-    CPU-seconds of imports on the head node. With no dataset there is nothing for it to shard.
+    Ray Train (2.60) adds its `DatasetsCallback` to every run, and the callback starts a `DatasetManager` actor at
+    every worker-group start, datasets or none: one more process, and its imports, on the head node per trial start
+    (and per restart after a failure). With no dataset there is nothing for it to shard.
     """
 
     def _create_default_callbacks(self) -> list:

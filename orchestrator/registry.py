@@ -6,7 +6,7 @@ logged as an MLflow Model inside that trial's run, registered under the experime
 is moved to it only if its validation loss (the version's ``val_loss`` tag) is the lowest of every version.
 
 Why a **pyfunc** flavour rather than MLflow's ``transformers`` flavour: pyfunc serves every gptcore model, RoPE and
-sinusoidal position embeddings or an untied head included, which `gptcore.pretrained.export_hf` cannot turn into a
+sinusoidal position embeddings or an untied head included, which `gptcore.hf_export.export_hf` cannot turn into a
 Hugging Face GPT-2; it runs gptcore's own decoding (`gptcore.sampling.generate_text`, KV cache, top-k/top-p), so the
 served text is the text ``python -m orchestrator sample`` prints; and serving needs no ``transformers``. Nothing is
 pickled that holds weights: the model's artifacts are the checkpoint's ``model.safetensors`` and ``meta.json``
@@ -49,15 +49,15 @@ class GptcoreModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from gptcore.checkpoint import load_model
-        from gptcore.train import resolve_device, resolve_precision
+        from gptcore.runtime import resolve_device, resolve_precision
 
         self.device = resolve_device("auto")
         self.model, _ = load_model(context.artifacts["checkpoint"], device=self.device)
         self.dtype = resolve_precision("auto", self.device)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        from gptcore.runtime import autocast
         from gptcore.sampling import generate_text
-        from gptcore.train import autocast
 
         p = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         prompts = _prompts(model_input)
@@ -119,7 +119,7 @@ def register_best(tracking_uri: str, experiment: str, sweep_id: str | None = Non
     the ``best`` alias to it if its validation loss is the lowest; returns what was done."""
     from mlflow.exceptions import MlflowException
 
-    from gptcore.checkpoint import MODEL_FILE, CheckpointError, read_meta
+    from gptcore.checkpoint_format import MODEL_FILE, CheckpointError, read_meta
     from orchestrator.storage import local_copy
     from orchestrator.tracking import client_for
 

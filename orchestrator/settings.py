@@ -25,7 +25,17 @@ class SweepSettings:
     metric: str
     mode: str
     git_commit: str | None
-    # Saved since resume reads them from sweep.json (older files lack them: `saved_settings` takes the experiment's)
+    # What resume reads from sweep.json rather than the experiment file; a sweep.json without them takes the
+    # experiment file's (`orchestrator.resume.saved_settings`)
     kind: str = "train"
     scheduler: dict[str, Any] | None = None  # ASHA's fields
     max_concurrent: int | None = None  # the user's limit (--max-concurrent, else the experiment's)
+
+    def worker_resources(self) -> dict[str, float]:
+        """What one Ray Train worker (a decode trial: the trial itself) asks for: its CPUs, and a GPU if used."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+
+def torch_threads(cpus: float) -> int:
+    """Torch's intra-op threads in a process given ``cpus`` CPUs: one per whole CPU, at least one."""
+    return max(1, int(cpus))

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -34,6 +33,7 @@ TRIAL_TAG = "orchestrator.trial"
 STATUS_TAG = "orchestrator.status"  # running | finished | diverged | failed | stopped
 KIND_TAG = "orchestrator.kind"  # a sweep's parent run: "train" | "decode" (the experiment's kind)
 BEST_CHECKPOINT_TAG = "best_checkpoint"
+NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows for an experiment or a run
 # Fail fast on an unreachable server; the RunLogger retries on its own schedule.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -41,9 +41,9 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT
 def mlflow_server_env() -> dict[str, str]:
     """The environment for ``mlflow server``: without its job runner unless the user asks for it.
 
-    MLflow 3 starts a job runner and 7 Huey consumers beside the UI (for GenAI evaluation jobs, which training runs
-    never use): 8 more Python processes, ~25 CPU-seconds at every start. ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true``
-    brings them back.
+    MLflow 3 starts a job runner and its Huey consumers beside the UI, for GenAI evaluation jobs that training runs
+    never use: Python processes that each pay MLflow's imports at every start.
+    ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true`` brings them back.
     """
     return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
 
@@ -150,53 +150,6 @@ def cluster_tracking_uri(uri: str, node_ip: str) -> str:
         )
         return uri
     return routable
-
-
-def git_commit(path: str | Path = ".") -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def git_repo_url(path: str | Path = ".") -> str | None:
-    """The URL of the ``origin`` remote of the repository at ``path`` (None without one)."""
-    try:
-        out = subprocess.run(
-            ["git", "remote", "get-url", "origin"], cwd=path, capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows for an experiment or a run
-
-
-def source_tags(experiment_file: str, commit: str | None) -> dict[str, str]:
-    """MLflow's source tags of a run: the experiment file, run locally, at its repository's commit and remote."""
-    if not experiment_file:
-        return {}
-    tags = {"mlflow.source.name": experiment_file, "mlflow.source.type": "LOCAL"}
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        url = git_repo_url(Path(experiment_file).parent)
-        if url:
-            tags["mlflow.source.git.repoURL"] = url
-    return tags
-
-
-def file_docstring(path: str) -> str:
-    """The module docstring of a Python file ("" if it has none or cannot be read)."""
-    import ast
-
-    try:
-        return ast.get_docstring(ast.parse(Path(path).read_text())) or ""
-    except (OSError, SyntaxError, ValueError):
-        return ""
 
 
 def client_for(uri: str) -> MlflowClient:

@@ -1,5 +1,4 @@
-"""The Tune trial: build a `TorchTrainer` (`orchestrator.ray_trainer.ShardTrainer`) for one grid point and run it
-to the end.
+"""A training sweep's Tune trial: one grid point's Ray Train run (`orchestrator.ray_trainer.ShardTrainer`), to its end.
 
 Runs in a Tune trial actor; module-level imports stay light (the actor unpickles this function).
 The trial's MLflow child run is created by the driver beforehand; workers log to it.
@@ -11,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from orchestrator.settings import SweepSettings
+    from orchestrator.trial_spec import TrialSpec
 
 
-def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings: SweepSettings) -> None:
+def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
+    """Train the trial Tune's ``config`` names, on ``settings.workers`` Ray Train workers, to its end."""
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -22,27 +23,22 @@ def run_trial(config: dict[str, Any], specs: dict[str, dict[str, Any]], settings
     from orchestrator.storage import join_uri
     from orchestrator.worker import train_loop_per_worker
 
-    name = config["trial"]
-    spec = specs[name]
-    gpu = bool(settings.use_gpu)
+    spec = specs[config["trial"]]
     trainer = ShardTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": spec["config"],
-            "dataset": spec.get("dataset"),
-            "trial": name,
-            "run_id": spec.get("run_id"),
+            "spec": spec.to_dict(),
             "tracking_uri": settings.tracking_uri,
             "ray_trial_id": ray.tune.get_context().get_trial_id(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.workers,
-            use_gpu=gpu,
-            resources_per_worker={"CPU": settings.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            use_gpu=bool(settings.use_gpu),
+            resources_per_worker=settings.worker_resources(),
         ),
         run_config=ray.train.RunConfig(
             name="train",
-            storage_path=join_uri(settings.storage, settings.sweep_id, name),
+            storage_path=join_uri(settings.storage, settings.sweep_id, spec.name),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=settings.checkpoints_to_keep,
                 checkpoint_score_attribute=settings.metric,

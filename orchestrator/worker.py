@@ -21,28 +21,28 @@ def _quiet_report_logs() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run gptcore's `train` on this worker (see `orchestrator.trial.run_trial`)."""
+    """Run gptcore's `train` on this worker: the job of the trial's `TrialSpec` (``loop_config["spec"]``), logged
+    to the trial's MLflow run at ``loop_config["tracking_uri"]`` (see `orchestrator.trial.run_trial`)."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from gptcore.config import JobConfig
-    from gptcore.train import HookList, Hooks, train
+    from gptcore.hooks import HookList, Hooks
+    from gptcore.train import train
     from orchestrator.hooks import ConsoleProgress, MlflowLogging, RayReporter
     from orchestrator.prepare import local_dataset
+    from orchestrator.trial_spec import TrialSpec
 
     _quiet_report_logs()
-    job = JobConfig.from_dict(loop_config["job"])
+    spec = TrialSpec.from_dict(loop_config["spec"])
+    job = spec.job
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()  # torch threads on CPU: the job's train.num_threads, set by the loop
     hooks: list[Hooks] = []
     if rank == 0:
-        hooks.append(ConsoleProgress(loop_config["trial"]))
-        if loop_config.get("run_id"):
-            hooks.append(
-                MlflowLogging(loop_config["tracking_uri"], loop_config["run_id"], loop_config.get("ray_trial_id"))
-            )
+        hooks.append(ConsoleProgress(spec.name))
+        hooks.append(MlflowLogging(loop_config["tracking_uri"], spec.run_id, loop_config["ray_trial_id"]))
     hooks.append(RayReporter())  # last: its final report ends the trial, after MLflow has its data
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # needs CUDA), on the process group Ray Train set up (one rank included)
     ddp = world_size > 1 and job.train.parallel == "ddp"
 
-    data_dir = local_dataset(loop_config["dataset"]) if loop_config.get("dataset") else None
+    data_dir = local_dataset(spec.dataset) if spec.dataset else None
     with ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None

@@ -35,8 +35,8 @@ except ModuleNotFoundError:  # the venv's psutil may be the one Ray ships (ray/t
 
 BIN = Path(sys.executable).parent
 # How long a test waits for what a quiet machine does in seconds (a trial's start, a sweep's end): a guard against a
-# hang, not a measure of speed. On a 2-core machine with a CPU burner on one core and the other test process training,
-# a trial took 2.5 minutes to start and the longest single wait was 4.5 minutes.
+# hang, not a measure of speed, with room for a 2-core machine that has a CPU burner on one core and the other test
+# process training on the other.
 PATIENCE_S = 900
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
@@ -47,7 +47,7 @@ _handed_out_lock = threading.Lock()
 
 def free_port() -> int:
     """A port free now and never handed out before in this process: the kernel may give a port just released
-    to the next ``bind(0)``, and two components of one server on one port fail to start (CI, 63c3e1e)."""
+    to the next ``bind(0)``, and two components of one server on one port fail to start."""
     with _handed_out_lock:
         while True:
             with socket.socket() as s:

@@ -15,20 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcore.checkpoint import (
-    MODEL_FILE,
-    CheckpointError,
-    TrainState,
-    check_fits,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
+from gptcore.checkpoint import check_fits, load_checkpoint, load_model_weights
+from gptcore.checkpoint_format import MODEL_FILE, CheckpointError, TrainState
+from gptcore.checkpoint_whole import save_checkpoint
 from gptcore.config import JobConfig
 from gptcore.model import GPT
 from orchestrator.cli import main
+from orchestrator.cluster import check_cpus, check_local_gpu, resolve_gpu
 from orchestrator.experiment import expand_trials, load_experiment
-from orchestrator.sweep import SweepError, check_cpus, check_local_gpu, resolve_gpu, resolve_init
+from orchestrator.plan import resolve_init
+from orchestrator.sweep_error import SweepError
+from orchestrator.trial_spec import TrialSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,9 +232,9 @@ def test_a_relative_init_from_reaches_the_workers_absolute(work, checkpoint, mon
         (work / "runs" / "hf" / "config.json").write_text(json.dumps(config))
         given, expected = "runs/hf", work / "runs" / "hf"
     trials = resolve_init(expand_trials(load_experiment(work / "exp.py"), {"train.init_from": given}))
-    for trial in trials:
-        assert trial.job.train.init_from == trial.config["train"]["init_from"] == str(expected)
-    assert trials and JobConfig.from_dict(trials[0].config).train.init_from == str(expected)
+    assert trials and all(trial.job.train.init_from == str(expected) for trial in trials)
+    handed = TrialSpec(trials[0].name, trials[0].params, trials[0].job, run_id="0").to_dict()
+    assert TrialSpec.from_dict(handed).job.train.init_from == str(expected)  # as a worker reads it
 
 
 def test_init_from_truncated_or_missing_checkpoint(work, checkpoint, capsys):
@@ -326,4 +323,4 @@ def test_no_weight_file_is_unpickled():
                 )
             allow = kwargs.get("allow_pickle")
             assert not (isinstance(allow, ast.Constant) and allow.value), f"{where}: allow_pickle=True"
-    assert loads >= 1  # the pytorch_model.bin reader in gptcore/pretrained.py
+    assert loads >= 1  # the pytorch_model.bin reader in gptcore/hf_import.py

@@ -3,11 +3,15 @@ import json
 import pytest
 import torch
 
-from gptcore.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from gptcore.checkpoint import load_checkpoint, load_model
+from gptcore.checkpoint_format import CheckpointError, TrainState
+from gptcore.checkpoint_whole import save_checkpoint
 from gptcore.data import build_datasets, make_loader
+from gptcore.hooks import Hooks, LocalCheckpoints
 from gptcore.model import lm_loss
+from gptcore.optimizer import configure_optimizer
 from gptcore.parallel import leave_process_group
-from gptcore.train import Hooks, LocalCheckpoints, build_model, configure_optimizer, train
+from gptcore.train import build_model, train
 
 from .conftest import tiny_job
 
@@ -30,7 +34,7 @@ def test_round_trip_restores_identical_next_step_loss(tmp_path):
     train_ds, _ = build_datasets(job)
     batch = next(iter(make_loader(train_ds, 4, shuffle=False, drop_last=True)))
     next_step_loss(model, optimizer, batch)  # optimizer moments exist
-    from gptcore.checkpoint import TrainState
+    from gptcore.checkpoint_format import TrainState
 
     save_checkpoint(tmp_path / "ck", model=model, config=job, state=TrainState(step=1), optimizer=optimizer)
     expected = next_step_loss(model, optimizer, batch)
@@ -49,7 +53,7 @@ def test_round_trip_restores_identical_next_step_loss(tmp_path):
 def test_tied_head_is_saved_once_and_retied(tmp_path):
     job = tiny_job(model={"tie_weights": True})
     model, _ = build_model(job, torch.device("cpu"))
-    from gptcore.checkpoint import TrainState
+    from gptcore.checkpoint_format import TrainState
 
     save_checkpoint(tmp_path / "ck", model=model, config=job, state=TrainState())
     loaded, _ = load_model(tmp_path / "ck")
@@ -96,7 +100,7 @@ def test_background_checkpoints_hold_the_state_of_their_step(tmp_path):
 def make_checkpoint(tmp_path):
     job = tiny_job()
     model, _ = build_model(job, torch.device("cpu"))
-    from gptcore.checkpoint import TrainState
+    from gptcore.checkpoint_format import TrainState
 
     return save_checkpoint(tmp_path / "ck", model=model, config=job, state=TrainState())
 
@@ -136,9 +140,26 @@ def test_resume_into_another_architecture_is_refused(tmp_path):
         train(tiny_job(model={"n_layers": 2}), resume_from=path)
 
 
-def test_no_pickle_in_checkpoint_files(tmp_path):
+def test_no_pickle_in_checkpoint_files(tmp_path, monkeypatch):
+    """Safetensors and JSON only, and loading one back unpickles nothing."""
+    import pickle
+
+    from safetensors import safe_open
+
     path = make_checkpoint(tmp_path)
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "optimizer.safetensors"]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        with safe_open(path / name, framework="pt") as f:  # a safetensors header, then raw tensor bytes
+            assert list(f.keys())
+    json.loads((path / "meta.json").read_text())
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled something")
+
+    for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(module, name, unpickle)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model_state and ckpt.rng
 
 
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -146,14 +167,14 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     before = (path / "model.safetensors").read_bytes()
     job = tiny_job()
     model, _ = build_model(job, torch.device("cpu"))
-    import gptcore.checkpoint as ck
+    import gptcore.files
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "_replace_dir", crash)
+    monkeypatch.setattr(gptcore.files, "replace_dir", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, model=model, config=job, state=ck.TrainState())
+        save_checkpoint(path, model=model, config=job, state=TrainState())
     assert (path / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp folder left behind
     load_model(path)
@@ -220,13 +241,13 @@ def test_ddp_resume_restores_every_ranks_rng_state(tmp_path):
 def test_each_rank_restores_its_own_rng_state():
     """Per-rank states go to their ranks; an older checkpoint's single state to every rank; a rank the checkpoint
     has no state for (more ranks than saved) re-seeds with its seed, and says so."""
-    from gptcore.checkpoint import _rng_tensors, restore_rng
+    from gptcore.checkpoint_rng import restore_rng, rng_tensors
 
     def state_after(seed):
         torch.manual_seed(seed)
         return torch.get_rng_state()
 
-    saved = _rng_tensors([{"cpu": state_after(10)}, {"cpu": state_after(11)}])
+    saved = rng_tensors([{"cpu": state_after(10)}, {"cpu": state_after(11)}])
     assert sorted(saved) == ["rng.rank0.cpu", "rng.rank1.cpu"]
     for rank, seed in [(0, 10), (1, 11)]:
         torch.manual_seed(99)
@@ -242,7 +263,9 @@ def test_each_rank_restores_its_own_rng_state():
 
 
 def test_a_checkpoint_resumes_only_on_the_dataset_it_was_taken_on(tmp_path):
-    from gptcore.checkpoint import CheckpointError, TrainState, check_resumable, load_checkpoint, save_checkpoint
+    from gptcore.checkpoint import check_resumable, load_checkpoint
+    from gptcore.checkpoint_format import CheckpointError, TrainState
+    from gptcore.checkpoint_whole import save_checkpoint
     from gptcore.model import GPT
 
     job = tiny_job()
@@ -253,7 +276,9 @@ def test_a_checkpoint_resumes_only_on_the_dataset_it_was_taken_on(tmp_path):
 
 
 def test_init_from_names_a_checkpoint_a_folder_or_a_hub_model(tmp_path):
-    from gptcore.checkpoint import TrainState, init_source_kind, save_checkpoint
+    from gptcore.checkpoint import init_source_kind
+    from gptcore.checkpoint_format import TrainState
+    from gptcore.checkpoint_whole import save_checkpoint
     from gptcore.model import GPT
 
     job = tiny_job()

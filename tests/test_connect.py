@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 def test_a_local_ray_processes_ask_its_own_state_api_beside_another_ray(tmp_path):
     import ray
 
-    from orchestrator.sweep import connect_ray
+    from orchestrator.cluster import connect_ray
 
     with ray_cluster(tmp_path, workers=0):  # the other Ray: a `ray start` head on this machine
         connect_ray(None)
@@ -46,7 +46,7 @@ def test_a_local_ray_that_misses_its_start_deadline_is_started_again(monkeypatch
 
     import ray
 
-    from orchestrator.sweep import connect_ray
+    from orchestrator.cluster import connect_ray
 
     real_init, left_behind = ray.init, []
 
@@ -69,7 +69,8 @@ def test_a_local_ray_that_misses_its_start_deadline_is_started_again(monkeypatch
 def test_a_local_ray_that_never_starts_is_one_clear_error(monkeypatch):
     import ray
 
-    from orchestrator.sweep import SweepError, connect_ray
+    from orchestrator.cluster import connect_ray
+    from orchestrator.sweep_error import SweepError
 
     def init_timing_out(**kwargs):
         raise Exception(RAY_START_TIMEOUT)

@@ -14,29 +14,22 @@ import torch
 import gptcore.corpus
 import gptcore.data as data
 from gptcore.config import DataConfig
-from gptcore.data import (
-    DataError,
-    EpochOrder,
-    GlobalBatches,
-    SlidingWindowDataset,
-    build_datasets,
-    make_loader,
-    plan_corpus,
-    prepare_dataset,
-    prepare_group,
-)
+from gptcore.corpus import NamedCorpus, plan_corpus, prepare_dataset, prepare_group
+from gptcore.data import EpochOrder, GlobalBatches, SlidingWindowDataset, build_datasets, make_loader
 from gptcore.shards import (
     FORMAT_VERSION,
     HEADER_BYTES,
     MAGIC,
+    DataError,
     ShardWriter,
     TokenStream,
-    is_validation,
+    open_split,
     read_manifest,
     read_shard_header,
     verify_shards,
 )
 from gptcore.tokenizer import EOT_ID, encode
+from gptcore.tokenizing import is_validation
 
 from .conftest import tiny_job
 
@@ -50,7 +43,7 @@ def prepared(tmp_path, corpus, **data_config):
 
 
 def split_tokens(folder, manifest, split):
-    stream = data.open_split(folder, manifest, split)
+    stream = open_split(folder, manifest, split)
     return stream[0 : len(stream)].tolist()
 
 
@@ -78,7 +71,7 @@ def test_bad_mirror_copy_is_refused(tmp_path, monkeypatch):
 def test_named_corpus_offline_without_mirror_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTCORE_DATA_DIR", str(tmp_path))  # empty mirror
     monkeypatch.setenv("GPTCORE_CACHE_DIR", str(tmp_path / "cache"))
-    named = data.NamedCorpus("the-verdict.txt", "http://127.0.0.1:9/none.txt", "0" * 64)
+    named = NamedCorpus("the-verdict.txt", "http://127.0.0.1:9/none.txt", "0" * 64)
     monkeypatch.setattr("gptcore.corpus.CORPORA", {"the-verdict": named})
     with pytest.raises(DataError, match=r"put the-verdict.txt in .*GPTCORE_DATA_DIR"):
         plan_corpus(DataConfig(corpus="the-verdict"))

@@ -16,9 +16,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gptcore.config import JobConfig
-from gptcore.data import dataset_folder
+from gptcore.corpus import dataset_folder
+from gptcore.hooks import HookList, Hooks, LocalCheckpoints
 from gptcore.parallel import leave_process_group
-from gptcore.train import HookList, Hooks, LocalCheckpoints, train
+from gptcore.train import train
 
 from .conftest import tiny_job
 from .curves import assert_same_training

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gptcore.checkpoint import TrainState, save_checkpoint
+from gptcore.checkpoint_format import TrainState
+from gptcore.checkpoint_whole import save_checkpoint
 from gptcore.model import GPT
 from orchestrator.cli import main
 from orchestrator.decode_plan import resolve_checkpoint

@@ -1,14 +1,16 @@
 """Experiment files, --set overrides and the dry run: everything checked before Ray starts."""
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli import build_parser, main
+from orchestrator.cluster import trials_that_fit
 from orchestrator.experiment import ExperimentError, expand_trials, load_experiment, parse_overrides
-from orchestrator.sweep import trials_that_fit
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
@@ -144,10 +146,18 @@ def test_cli_exits_nonzero_with_one_line(tmp_path):
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns.db").exists()
 
 
-def test_every_verb_has_help():
-    for verb in ("run", "ui", "sample", "report", "export"):
-        proc = subprocess.run([sys.executable, "-m", "orchestrator", verb, "--help"], capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage:" in proc.stdout
+def test_every_verb_has_help(capsys):
+    """Every verb of the CLI's parser has a help line, is named in the usage, and answers --help."""
+    parser = build_parser()
+    (verbs,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    helps = {action.dest: action.help for action in verbs._choices_actions}  # a verb added without help= is absent
+    assert verbs.choices and all(helps.get(verb) for verb in verbs.choices), helps
+    named = re.search(r"\{(.*?)\}", parser.format_usage()).group(1).split(",")
+    assert sorted(named) == sorted(verbs.choices)
+    for verb in verbs.choices:
+        with pytest.raises(SystemExit) as exit_:
+            main([verb, "--help"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage:")
 
 
 def test_experiment_error_type():
@@ -171,7 +181,7 @@ def test_a_local_sweep_runs_as_many_trials_at_once_as_fit(resources, workers, cp
 
 def test_only_a_local_or_loopback_cluster_counts_as_one_machine():
     """On one machine a trial skips Ray Train's spot-preemption watcher and Prometheus metrics actors."""
-    from orchestrator.sweep import on_one_machine, worker_env
+    from orchestrator.cluster import on_one_machine, worker_env
 
     assert on_one_machine(None) and on_one_machine("127.0.0.1:6379") and on_one_machine("ray://localhost:10001")
     assert not on_one_machine("10.0.0.5:6379") and not on_one_machine("auto")

@@ -26,8 +26,10 @@ ray_test = pytest.mark.ray
 
 SAVER = """
 import os, signal, sys, torch
-import gptcore.checkpoint as checkpoint
-from gptcore.checkpoint import TrainState, save_checkpoint
+import gptcore.checkpoint_whole as whole
+import gptcore.files as files
+from gptcore.checkpoint_format import TrainState
+from gptcore.checkpoint_whole import save_checkpoint
 from gptcore.config import JobConfig
 from gptcore.model import GPT
 
@@ -57,11 +59,11 @@ def killing(function):
 for step in (1, 2):
     if step == 2:  # the second save dies at the stage named
         if stage == "mid-file":
-            checkpoint.save_file = killing_save_file
+            whole.save_file = killing_save_file
         elif stage == "before-swap":
-            checkpoint._replace_dir = killing(checkpoint._replace_dir)
+            files.replace_dir = killing(files.replace_dir)
         else:  # the new folder swapped in, the old one not yet removed
-            checkpoint._exchange = killing(checkpoint._exchange)
+            files.exchange = killing(files.exchange)
     with torch.no_grad():
         model.tok_emb.weight.fill_(step)
     save_checkpoint(target, model=model, config=job, state=TrainState(step=step))
@@ -144,7 +146,8 @@ def test_killed_worker_continues_with_the_losses_of_an_uninterrupted_run(killed_
     import torch
 
     from gptcore.config import JobConfig
-    from gptcore.train import Hooks, train
+    from gptcore.hooks import Hooks
+    from gptcore.train import train
 
     work, _, _, resumed, client = killed_worker_sweep
     (sweep,) = (work / "ray_results").glob("faults-*")

@@ -19,17 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gptcore.checkpoint import (
-    CheckpointError,
-    check_fits,
-    load_checkpoint,
-    load_model,
-    read_meta,
-)
+from gptcore.checkpoint import check_fits, load_checkpoint, load_model
+from gptcore.checkpoint_format import CheckpointError, read_meta
 from gptcore.config import ConfigError, JobConfig
-from gptcore.data import dataset_folder
+from gptcore.corpus import dataset_folder
+from gptcore.evaluation import lockstep
+from gptcore.hooks import Hooks
 from gptcore.parallel import leave_process_group
-from gptcore.train import Hooks, _lockstep, build_model, train
+from gptcore.train import build_model, train
 
 from .conftest import tiny_job
 from .curves import assert_same_training, max_gap
@@ -298,7 +295,8 @@ def test_a_whole_checkpoint_does_not_resume_a_sharded_run(runs, tmp_path):
 
 SAVER = """
 import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
-from gptcore.checkpoint import TrainState, save_sharded
+from gptcore.checkpoint_format import CheckpointParts, TrainState
+from gptcore.checkpoint_sharded import save_sharded
 from gptcore.config import JobConfig
 from gptcore.model import GPT
 from gptcore.parallel import shard_model
@@ -314,7 +312,7 @@ def rank_main(rank, init, target):
         with torch.no_grad():
             for p in model.parameters():
                 p.to_local().fill_(step)
-        save_sharded(target, model=model, config=job, state=TrainState(step=step))
+        save_sharded(target, CheckpointParts(model, job, TrainState(step=step)))
         if rank == 0:
             print(step, flush=True)
 
@@ -398,9 +396,9 @@ def test_the_fsdp_study_refuses_bad_settings_before_anything_starts(capsys, args
 
 def test_uneven_ranks_sit_out_no_evaluation_round():
     loader = torch.utils.data.DataLoader([(torch.tensor([i]), torch.tensor([i])) for i in range(3)], batch_size=2)
-    rounds = list(_lockstep(loader, 3))
+    rounds = list(lockstep(loader, 3))
     assert [counted for _, _, counted in rounds] == [True, True, False]
     assert torch.equal(rounds[2][0], rounds[1][0])  # the last batch again, not counted
     empty = torch.utils.data.DataLoader([(torch.tensor([7]), torch.tensor([8]))], batch_size=1, sampler=[])
-    ((x, _y, counted),) = list(_lockstep(empty, 1))
+    ((x, _y, counted),) = list(lockstep(empty, 1))
     assert not counted and x.tolist() == [[7]]

@@ -1,4 +1,5 @@
-"""The orchestrator's modules depend on each other one way: no import cycle, and only ``__main__`` imports the CLI.
+"""Each package's modules depend on each other one way: no import cycle; only ``__main__`` imports the CLI, and
+gptcore imports neither Ray nor MLflow.
 
 The graph is read from the source with `ast` (nothing is imported), function-local imports included: a cycle
 hidden inside a function still ties two modules together.
@@ -9,23 +10,27 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = "orchestrator"
-ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("orchestrator", "gptcore")
 
 
-def module_names() -> dict[str, Path]:
-    """Every module of the package by dotted name (``orchestrator`` for its ``__init__``)."""
+def module_names(package: str = "orchestrator") -> dict[str, Path]:
+    """Every module of ``package`` by dotted name (``orchestrator`` for its ``__init__``)."""
     modules = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = [PACKAGE, *path.relative_to(ROOT).with_suffix("").parts]
+    root = REPO / package
+    for path in sorted(root.rglob("*.py")):
+        parts = [package, *path.relative_to(root).with_suffix("").parts]
         if parts[-1] == "__init__":
             parts.pop()
         modules[".".join(parts)] = path
     return modules
 
 
-def imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package's modules that ``module`` imports anywhere in its file."""
+def imported_names(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every name ``module`` imports anywhere in its file: its package's modules as such, anything else by the
+    dotted name it is imported from."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     targets: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -40,13 +45,18 @@ def imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue
-        targets.update(name for name in names if name in modules)
+        targets.update(names)
     targets.discard(module)
     return targets
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = module_names()
+def imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that ``module`` imports anywhere in its file."""
+    return {name for name in imported_names(module, path, modules) if name in modules}
+
+
+def import_graph(package: str = "orchestrator") -> dict[str, set[str]]:
+    modules = module_names(package)
     return {name: imported(name, path, modules) for name, path in modules.items()}
 
 
@@ -84,9 +94,23 @@ def test_the_graph_is_read():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_no_import_cycle():
-    cycle = find_cycle(import_graph())
-    assert cycle is None, "import cycle in orchestrator: " + " -> ".join(cycle)
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle(package):
+    cycle = find_cycle(import_graph(package))
+    assert cycle is None, f"import cycle in {package}: " + " -> ".join(cycle)
+
+
+def test_gptcore_imports_neither_ray_nor_mlflow_nor_the_orchestrator():
+    """gptcore works on its own: the orchestrator is the only code that knows Ray and MLflow."""
+    modules = module_names("gptcore")
+    found = {
+        module: sorted(name for name in imported_names(module, path, modules) if name.split(".")[0] in FORBIDDEN)
+        for module, path in modules.items()
+    }
+    assert {module: names for module, names in found.items() if names} == {}
+
+
+FORBIDDEN = {"ray", "mlflow", "orchestrator"}
 
 
 def test_only_main_imports_the_cli():

@@ -20,7 +20,8 @@ def interrupted_sweep(tmp_path_factory):
     """Two trials one at a time: SIGINT during trial 001, --resume, SIGKILL (driver and its Ray) during trial 001
     again, --resume again to the end. Returns the work folder, each run's (exit code, output), and the MLflow client."""
     work = tmp_path_factory.mktemp("interrupted")
-    # d_model 128: after "step 20/60" trial 001 still trains for ~4 s (~9 steps/s), while the driver handles SIGINT
+    # d_model 128: steps slow enough that trial 001, past "step 20/60", is still training while the driver handles
+    # SIGINT
     write_experiment(work, steps=60, every=20, grid='{"train.lr": grid(4e-4, 3e-4)}', concurrent=1, d_model=128)
     first = Cli(["run", "faults.py"], work)
     try:

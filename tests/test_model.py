@@ -3,6 +3,7 @@ import torch
 
 from gptcore.config import model_config
 from gptcore.model import GPT, KVCache, lm_loss
+from gptcore.sampling import generate
 
 
 def tiny(**overrides) -> GPT:
@@ -92,9 +93,20 @@ def test_flops_per_token_follows_6n_rule():
     assert model.flops_per_token(1024) == pytest.approx(6 * n_matmul + 12 * 12 * 768 * 1024, rel=1e-6)
 
 
+@torch.no_grad()
 def test_padded_vocab_keeps_real_vocab_for_sampling():
-    model = tiny(pad_vocab_multiple=64)
-    assert model.head.weight.shape[0] == 50304
+    """Generation never returns a padding id, even where a padding row's logit is the largest."""
+    model = tiny(pad_vocab_multiple=64, tie_weights=False)
+    vocab, padded = model.config.vocab_size, model.config.padded_vocab_size
+    assert model.head.weight.shape[0] == padded == 50304
+    model.ln_f.weight.zero_()  # every position's final hidden state is then ln_f.bias
+    model.ln_f.bias.fill_(1.0)
+    model.head.weight[vocab:] = 10.0  # padding logits 320; real ones stay near 0 (weights N(0, 0.02))
+    prompt = torch.randint(0, vocab, (2, 5))
+    assert int(model(prompt)[:, -1].argmax(-1).min()) >= vocab  # unmasked, a padding id would win
+    for temperature in (0.0, 1.0):
+        out = generate(model, prompt, 20, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert max(max(row) for row in out) < vocab
 
 
 def test_too_long_input_is_refused():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ import pytest
 import gptcore.corpus
 import orchestrator.prepare
 from gptcore.config import DataConfig
-from gptcore.data import DataError, plan_corpus, prepare_dataset
-from gptcore.shards import read_manifest
-from orchestrator.prepare import _group_task, dataset_location, local_dataset, prepare, read_dataset_manifest
+from gptcore.corpus import plan_corpus, prepare_dataset
+from gptcore.shards import DataError, read_manifest
+from orchestrator.prepare import dataset_location, group_task, local_dataset, prepare, read_dataset_manifest
 from tests.servers import S3_ENV, moto_s3
 
 pytestmark = pytest.mark.ray
@@ -34,7 +35,7 @@ def ray_local(s3):
     """A local Ray whose workers reach the S3 server (as `connect_ray` passes the driver's AWS settings)."""
     import ray
 
-    from orchestrator.sweep import worker_env
+    from orchestrator.cluster import worker_env
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env(True)})
     yield
@@ -78,7 +79,7 @@ def test_an_interrupted_prepare_resumes_and_keeps_its_finished_groups(ray_local,
     storage = str(tmp_path / "storage")
     location = dataset_location(storage, plan.key)
     for group in (0, 2):  # what a prepare killed after two tasks leaves: their shards and records, no manifest
-        _group_task(plan, group, location)
+        group_task(plan, group, location)
     assert read_dataset_manifest(location) is None
     kept = {p: p.stat().st_mtime_ns for p in Path(location).glob("*_g0000[02]_*.bin")}
     prepare(plan, storage)
@@ -121,7 +122,7 @@ def test_shards_on_s3_are_fetched_once_per_node_and_checked(ray_local, small_gro
     shard = read_dataset_manifest(location).shards[0]["file"]
     with fs.open_output_stream(f"{base}/{shard}") as out:  # same size, other bytes
         out.write(b"\0" * (fs.get_file_info(f"{base}/{shard}").size))
-    gptcore.corpus.shutil.rmtree(folder)
+    shutil.rmtree(folder)
     with pytest.raises(DataError, match=f"shard .*{shard}: sha256 differs"):
         local_dataset(location)
     assert not folder.exists()  # never trained on

@@ -13,23 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptcore.checkpoint import CheckpointError, TrainState, save_checkpoint
+from gptcore.checkpoint_format import CheckpointError, TrainState
+from gptcore.checkpoint_whole import save_checkpoint
 from gptcore.config import model_config
 from gptcore.data import build_datasets, make_loader
+from gptcore.gpt2_layout import Pretrained
+from gptcore.hf_export import export_hf
+from gptcore.hooks import Hooks
+from gptcore.hub import SAFETENSORS_PATTERNS
+from gptcore.load_pretrained import config_from_pretrained, copy_pretrained, load_pretrained_into
 from gptcore.model import GPT, lm_loss
-from gptcore.pretrained import (
-    SAFETENSORS_PATTERNS,
-    Pretrained,
-    config_from_pretrained,
-    copy_pretrained,
-    export_hf,
-    fields_from_openai_hparams,
-    load_pretrained_into,
-    openai_tf_to_gptcore,
-)
+from gptcore.openai_tf import fields_from_openai_hparams, openai_tf_to_gptcore
 from gptcore.sampling import generate
 from gptcore.tokenizer import encode
-from gptcore.train import Hooks, build_model, train
+from gptcore.train import build_model, train
 
 from .conftest import tiny_job
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from mlflow.entities import Metric
 
-from gptcore.checkpoint import TrainState, take_snapshot, write_snapshot
+from gptcore.checkpoint_format import CheckpointParts, TrainState
+from gptcore.checkpoint_whole import take_snapshot, write_snapshot
 from gptcore.train import build_model
 from orchestrator.registry import register_best
 from orchestrator.tracking import SweepTracker
@@ -25,7 +26,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = tiny_job()
     model, _ = build_model(job, torch.device("cpu"))
-    checkpoint = write_snapshot(take_snapshot(model=model, config=job, state=TrainState()), tmp_path / "checkpoint")
+    checkpoint = write_snapshot(take_snapshot(CheckpointParts(model, job, TrainState())), tmp_path / "checkpoint")
     return f"sqlite:///{tmp_path / 'mlruns.db'}", checkpoint
 
 

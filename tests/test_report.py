@@ -4,9 +4,10 @@ The report tells a decode sweep from a training sweep by its parent run's kind t
 from PIL import Image
 
 from orchestrator.experiment import Experiment
+from orchestrator.plan import SweepOptions, make_plan
 from orchestrator.report import MAX_PANELS, TrialResult, plot_train_vs_val, plot_val_vs_tokens, ranking
 from orchestrator.results import is_decode_sweep, trial_results
-from orchestrator.sweep import SweepOptions, _start, make_plan
+from orchestrator.sweep_runs import start_sweep_run
 from orchestrator.tracking import KIND_TAG, SweepTracker
 
 
@@ -110,7 +111,7 @@ def test_large_sweep_plots_are_bounded(tmp_path):
 
 
 def test_the_sweep_kind_is_its_parent_runs_tag(tmp_path):
-    """_start tags the parent run with the experiment's kind; the report reads it (no guess from the metrics)."""
+    """The sweep's parent run is tagged with the experiment's kind; the report reads it (no guess from the metrics)."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     experiments = {
         "train": Experiment(name="t", corpus="the-verdict", model="micro", grid={"train.lr": [1e-3]}),
@@ -121,7 +122,8 @@ def test_the_sweep_kind_is_its_parent_runs_tag(tmp_path):
     for kind, experiment in experiments.items():
         tracker = SweepTracker(uri, experiment.name)
         options = SweepOptions(workdir=str(tmp_path))
-        settings = _start(tracker, experiment, options, make_plan(experiment, options), f"{kind}-1", "s", False)
+        plan = make_plan(experiment, options)
+        settings = start_sweep_run(tracker, experiment, options, plan, f"{kind}-1", "s", False)
         assert tracker.client.get_run(settings.parent_run_id).data.tags[KIND_TAG] == kind
         tracker.child_run(settings.parent_run_id, f"{kind}-1", "000", params={}, tags={})
         results = trial_results(tracker.client, settings.parent_run_id)  # no metrics yet: nothing to guess from

@@ -11,10 +11,15 @@ from pathlib import Path
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.cluster import max_concurrent_trials
 from orchestrator.experiment import ASHA, Experiment
+from orchestrator.plan import SweepOptions, make_plan
+from orchestrator.resume import read_sweep, saved_settings, write_sweep
+from orchestrator.settings import SweepSettings
 from orchestrator.storage import write_json
-from orchestrator.sweep import SweepOptions, SweepSettings, _start, make_plan, max_concurrent_trials, saved_settings
+from orchestrator.sweep_runs import start_sweep_run
 from orchestrator.tracking import SweepTracker
+from orchestrator.trial_spec import TrialSpec
 
 EXPERIMENT = """
 from orchestrator import Experiment, grid
@@ -120,14 +125,14 @@ def test_a_sweep_saves_what_resume_needs(tmp_path):
     )
     options = SweepOptions(workdir=str(tmp_path), workers=2, cpus_per_worker=0.5)
     tracker = SweepTracker(f"sqlite:///{tmp_path / 'mlruns.db'}", "resumed")
-    saved = _start(tracker, experiment, options, make_plan(experiment, options), SWEEP_ID, "s", False)
+    saved = start_sweep_run(tracker, experiment, options, make_plan(experiment, options), SWEEP_ID, "s", False)
     assert (saved.kind, saved.max_concurrent, saved.workers, saved.cpus_per_worker) == ("train", 3, 2, 0.5)
     assert saved.scheduler == {"max_t": 20, "grace_period": 5, "reduction_factor": 3.0, "time_attr": "step"}
     assert saved_settings(asdict(saved), Experiment(name="resumed", grid={"train.lr": [1e-3]})) == saved
 
 
 def test_resume_reads_the_sweep_from_sweep_json():
-    """What the experiment file says now does not change a resumed sweep; an older sweep.json falls back to it."""
+    """What the experiment file says does not change a resumed sweep; a sweep.json without these settings takes its."""
     now = Experiment(name="resumed", grid={"train.lr": [1e-3]}, scheduler=ASHA(max_t=90), max_concurrent=8)
     stored = saved_settings(settings(scheduler=None, max_concurrent=1, kind="train"), now)
     assert (stored.scheduler, stored.max_concurrent) == (None, 1)
@@ -138,3 +143,24 @@ def test_resume_reads_the_sweep_from_sweep_json():
     fallback = saved_settings(old, now)
     assert (fallback.kind, fallback.max_concurrent) == ("train", 8)
     assert fallback.scheduler == asdict(ASHA(max_t=90))
+
+
+def test_sweep_json_gives_back_each_trial_as_planned(tmp_path):
+    """What a resumed trial runs is the job the driver planned, train or decode, read back from sweep.json."""
+    train = Experiment(
+        name="resumed", corpus="the-verdict", model="micro", train={"max_steps": 2}, grid={"train.lr": [1e-3, 2e-3]}
+    )
+    decode = Experiment(
+        name="resumed",
+        kind="decode",
+        decode={"checkpoint": "ckpt", "prompts": ["a", "b"]},
+        grid={"decode.top_k": [5, None]},
+        metric="distinct_2",
+        mode="max",
+    )
+    trials = [t for e in (train, decode) for t in make_plan(e, SweepOptions(cpus_per_worker=2)).trials]
+    specs = {t.name: TrialSpec(t.name, t.params, t.job, f"run-{t.index}", "data" if t.preset else None) for t in trials}
+    saved = SweepSettings(**settings(storage=str(tmp_path)))
+    write_sweep(specs, saved)
+    assert read_sweep(str(tmp_path), SWEEP_ID, train) == (specs, saved)
+    assert specs["000_lr=0.001"].job.train.num_threads == 2

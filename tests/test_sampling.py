@@ -191,7 +191,8 @@ def test_padded_vocabulary_rows_are_never_sampled():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from gptcore.checkpoint import TrainState, save_checkpoint
+    from gptcore.checkpoint_format import TrainState
+    from gptcore.checkpoint_whole import save_checkpoint
     from tests.conftest import tiny_job
 
     job = tiny_job()

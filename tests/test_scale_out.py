@@ -182,7 +182,8 @@ def test_two_ray_train_workers_train_as_one_process_on_their_joint_batch(scale_o
     import torch
 
     from gptcore.config import JobConfig
-    from gptcore.train import Hooks, train
+    from gptcore.hooks import Hooks
+    from gptcore.train import train
 
     client, _, child = runs(scale_out)
     downloaded = client.download_artifacts(child.info.run_id, "config.json", str(scale_out.work))
@@ -218,8 +219,8 @@ def test_artifacts_go_through_the_tracking_server(scale_out):
 
 
 def test_sweep_state_and_checkpoints_live_in_the_bucket(scale_out):
+    from orchestrator.resume import find_sweep
     from orchestrator.storage import read_json
-    from orchestrator.sweep import find_sweep
 
     storage = f"s3://{BUCKET}/sweeps"
     sweep_id = find_sweep(storage, "scale_out", "latest")
@@ -247,8 +248,8 @@ def test_sample_loads_the_best_checkpoint_from_s3(scale_out):
 
 def test_storage_uri_with_endpoint_in_the_query(scale_out, monkeypatch, tmp_path):
     """``s3://bucket/path?endpoint_override=HOST:PORT&scheme=http`` works without AWS_ENDPOINT_URL."""
+    from orchestrator.resume import find_sweep
     from orchestrator.storage import join, local_copy, read_json, storage_uri, write_json
-    from orchestrator.sweep import find_sweep
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     _, _, child = runs(scale_out)

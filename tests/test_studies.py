@@ -86,7 +86,7 @@ def steps_of(client: MlflowClient, run, key: str) -> list[int]:
 def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(studies):
     """FSDP through Ray Train: the 2-worker gpt2_xl_fsdp trial lost its rank-1 worker at step 20; the group resumed
     from the sharded checkpoint, every step logged once."""
-    from gptcore.checkpoint import read_meta
+    from gptcore.checkpoint_format import read_meta
 
     work, outcomes = studies
     rc, out = outcomes["gpt2_xl_fsdp"]

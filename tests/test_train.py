@@ -1,17 +1,14 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from gptcore.train import (
-    Hooks,
-    build_model,
-    configure_optimizer,
-    evaluate,
-    learning_rate,
-    resolve_precision,
-    train,
-)
+from gptcore.evaluation import evaluate
+from gptcore.hooks import Hooks
+from gptcore.optimizer import configure_optimizer, learning_rate
+from gptcore.runtime import resolve_precision
+from gptcore.train import build_model, train
 
 from .conftest import tiny_job
 
@@ -54,23 +51,37 @@ def test_warmup_then_cosine():
     assert learning_rate(77, 100, constant) == 1e-3
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the Linux kernel reports them (empty elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in info.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def test_precision_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     assert resolve_precision("fp16", cuda) is torch.float16
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to tell whether this CPU has native bf16")
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)  # the kernel's word, not torch's
     auto = resolve_precision("auto", cpu)
-    assert auto in (None, torch.bfloat16)
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert (auto is torch.bfloat16) == native_bf16  # bf16 exactly where the CPU has native bf16 instructions
+    assert auto is (torch.bfloat16 if native_bf16 else None)  # bf16 exactly where the CPU has bf16 instructions
 
 
 def test_evaluate_uses_eval_mode_and_no_grad():
     job = tiny_job(model={"dropout": 0.5})
     model, _ = build_model(job, torch.device("cpu"))
     batches = [(torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8)))] * 3
+    forwards = []  # (grad enabled, training mode) in each forward
+    model.register_forward_hook(lambda module, args, out: forwards.append((torch.is_grad_enabled(), module.training)))
     a = evaluate(model, batches, 3, torch.device("cpu"), None)
     b = evaluate(model, batches, 3, torch.device("cpu"), None)
+    assert forwards == [(False, False)] * 6  # no autograd graph, eval mode, in every forward
     assert a == b and model.training  # deterministic (no dropout) and the mode is restored
 
 
@@ -195,7 +206,7 @@ def test_evaluations_and_resumes_leave_the_training_steps_unchanged(tmp_path):
     assert every2 == every5
 
     first = tiny_job(model={"dropout": 0.2}, train={**common, "max_steps": 4, "eval_every": 2, "checkpoint_every": 4})
-    from gptcore.train import LocalCheckpoints
+    from gptcore.hooks import LocalCheckpoints
 
     train(first, LocalCheckpoints(tmp_path))
     resumed = step_losses(tiny_job(model={"dropout": 0.2}, train={**common, "eval_every": 2}), tmp_path / "latest")
@@ -204,10 +215,13 @@ def test_evaluations_and_resumes_leave_the_training_steps_unchanged(tmp_path):
 
 def schedule_points(steps: int, epoch_steps: int, **train) -> list[tuple[int, bool, bool]]:
     """(step, evaluate, checkpoint) at every step where something happens, epochs of ``epoch_steps``."""
-    from gptcore.config import TrainConfig
-    from gptcore.train import CheckpointSchedule
+    from gptcore.checkpointing import CheckpointManager
 
-    schedule = CheckpointSchedule(TrainConfig(**train))
+    job, cpu = tiny_job(train=train), torch.device("cpu")
+    model, _ = build_model(job, cpu)
+    schedule = CheckpointManager(
+        job, model, configure_optimizer(model, job, cpu), torch.amp.GradScaler(enabled=False), cpu
+    )
     points = []
     for step in range(1, steps + 1):
         evaluate, checkpoint = schedule.after_step(step, epoch_end=step % epoch_steps == 0, last=step == steps)

@@ -1,0 +1,201 @@
+"""A sweep's plan, made on the driver before Ray starts: its trials and their resources, checked, and the dry run.
+
+A training sweep's corpora are checked (and prepared) here and its ``train.init_from`` sources checked against each
+trial's model; a decode sweep's checkpoints are `orchestrator.decode_plan`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptcore.config import JobConfig
+from gptcore.corpus import check_windows, plan_corpus
+from gptcore.shards import Manifest, read_manifest
+from orchestrator.decode_plan import decode_rows
+from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.prepare import prepare, read_dataset_manifest, stage_locally
+from orchestrator.settings import torch_threads
+from orchestrator.storage import absolute_storage
+from orchestrator.sweep_error import SweepError
+from orchestrator.tracking import resolve_tracking_uri
+
+
+@dataclass
+class SweepOptions:
+    """Command-line settings of a sweep (see ``python -m orchestrator run --help``)."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    max_concurrent: int | None = None
+    resume: str | None = None  # None, "latest" or a sweep id
+    workers: int | None = None
+    use_gpu: bool | str | None = None
+    cpus_per_worker: float | None = None
+    experiment_file: str = ""
+    workdir: str = field(default_factory=lambda: str(Path.cwd()))
+
+
+@dataclass
+class Plan:
+    """Every trial of a sweep and the resources each asks for."""
+
+    experiment: Experiment
+    trials: list[Trial]
+    workers: int
+    use_gpu: bool | str
+    cpus_per_worker: float
+    max_concurrent: int | None
+
+
+def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
+    """Every trial of the sweep, validated, and its resources; a CPU trial's torch threads are its worker's CPUs
+    (``train.num_threads``, unless the experiment sets it), so the loop sets them, once."""
+    cpus_per_worker = options.cpus_per_worker or experiment.cpus_per_worker or 1
+    trials = [with_threads(t, cpus_per_worker) for t in expand_trials(experiment, options.overrides)]
+    plan = Plan(
+        experiment=experiment,
+        trials=trials,
+        workers=options.workers or experiment.workers,
+        use_gpu=experiment.use_gpu if options.use_gpu is None else options.use_gpu,
+        cpus_per_worker=cpus_per_worker,
+        max_concurrent=concurrency_limit(experiment, options),
+    )
+    check_sharding(plan)
+    return plan
+
+
+def check_sharding(plan: Plan) -> None:
+    """FSDP shards the token embedding by rows across the workers: their number must divide its rows."""
+    for trial in plan.trials:
+        job = trial.job
+        if not isinstance(job, JobConfig) or job.train.parallel != "fsdp":
+            continue
+        rows = job.model.padded_vocab_size
+        if rows % plan.workers:
+            raise SweepError(
+                f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
+                f"{plan.workers} workers, which do not divide it evenly; use a worker count that divides {rows} "
+                "(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
+            )
+
+
+def with_threads(trial: Trial, cpus_per_worker: float) -> Trial:
+    """A training trial whose ``train.num_threads`` is unset, given its worker's CPUs as torch threads."""
+    if not isinstance(trial.job, JobConfig) or trial.job.train.num_threads:  # a decode trial, or threads set
+        return trial
+    return with_train(trial, num_threads=torch_threads(cpus_per_worker))
+
+
+def with_train(trial: Trial, **fields: Any) -> Trial:
+    """A training trial with some ``train.*`` fields of its job replaced (and the job validated again)."""
+    job = trial.job
+    return dataclasses.replace(trial, job=dataclasses.replace(job, train=dataclasses.replace(job.train, **fields)))
+
+
+def concurrency_limit(experiment: Experiment, options: SweepOptions) -> int | None:
+    """The user's limit on trials at once: ``--max-concurrent``, else the experiment's ``max_concurrent``."""
+    return options.max_concurrent or experiment.max_concurrent
+
+
+def describe_plan(plan: Plan, options: SweepOptions) -> str:
+    """The dry-run text: every trial, its grid values and resources, and where results go."""
+    gpu = {True: "1 GPU", False: "no GPU", "auto": "GPU if the cluster has one"}[plan.use_gpu]
+    lines = [
+        f"experiment {plan.experiment.name}: {len(plan.trials)} trial(s), metric {plan.experiment.metric} "
+        f"({plan.experiment.mode})",
+        f"resources per trial: {plan.workers} worker(s) x ({plan.cpus_per_worker:g} CPU, {gpu})"
+        + (f", at most {plan.max_concurrent} concurrent" if plan.max_concurrent else ""),
+        f"storage: {absolute_storage(options.storage, options.workdir)}",
+        f"tracking: {resolve_tracking_uri(options.tracking_uri, options.workdir)}",
+        f"ray: {options.address or 'a local Ray started for this run'}",
+    ]
+    if plan.experiment.scheduler:
+        lines.append(f"scheduler: {plan.experiment.scheduler}")
+    keys = list(plan.experiment.grid)
+    rows_of = decode_rows if plan.experiment.is_decode else _train_rows
+    header, rows = rows_of(plan.trials, keys)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    return "\n".join(lines)
+
+
+def _train_rows(trials: list[Trial], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for trial in trials:
+        job = trial.job
+        steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
+        model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
+        rows.append([trial.name, *[str(trial.params[k]) for k in keys], model, steps])
+    return ["trial", *keys, "model", "steps"], rows
+
+
+def check_data(trials: list[Trial]) -> None:
+    """Before anything starts or is written: each trial's corpus resolved and checked; a small corpus tokenized
+    (into the local cache) and both its splits checked to hold a window."""
+    staged: dict[str, Manifest | None] = {}
+    for trial in trials:
+        try:
+            plan = plan_corpus(trial.job.data)
+            if plan.key not in staged:
+                folder = stage_locally(plan)
+                staged[plan.key] = read_manifest(folder) if folder else None
+            if staged[plan.key] is not None:
+                check_windows(trial.job, staged[plan.key])
+        except ValueError as exc:
+            raise ExperimentError(f"trial {trial.name}: {exc}") from None
+
+
+def prepare_data(trials: list[Trial], storage: str) -> dict[str, tuple[str, Manifest]]:
+    """Prepare each distinct corpus once for the whole sweep, before any trial starts, and check every trial has
+    windows in both splits; returns each trial's dataset location and manifest."""
+    plans = {trial.name: plan_corpus(trial.job.data) for trial in trials}
+    prepared = {}
+    for plan in plans.values():
+        if plan.key not in prepared:
+            location = prepare(plan, storage)
+            prepared[plan.key] = (location, read_dataset_manifest(location))
+    by_trial = {}
+    for trial in trials:
+        location, manifest = prepared[plans[trial.name].key]
+        try:
+            check_windows(trial.job, manifest)
+        except ValueError as exc:
+            raise ExperimentError(f"trial {trial.name}: {exc}") from None
+        by_trial[trial.name] = (location, manifest)
+    return by_trial
+
+
+def resolve_init(trials: list[Trial]) -> list[Trial]:
+    """The trials with each local ``train.init_from`` (checkpoint or Hugging Face folder) made absolute, as workers
+    run in other directories, and checked to fit its trial's model (headers only, no weights)."""
+    if all(trial.job.train.init_from == "scratch" for trial in trials):
+        return trials  # (no torch to import)
+    from gptcore.checkpoint import check_fits, init_source_kind
+    from gptcore.checkpoint_format import META_FILE, CheckpointError
+    from gptcore.load_pretrained import check_compatible, config_from_pretrained
+
+    resolved, seen = [], set()
+    for trial in trials:
+        source, model = trial.job.train.init_from, trial.job.model
+        if init_source_kind(source) in ("scratch", "hub"):  # a Hugging Face model id is downloaded by the trial
+            resolved.append(trial)
+            continue
+        path = Path(source).expanduser().absolute()
+        resolved.append(with_train(trial, init_from=str(path)))
+        if (path, model) in seen:
+            continue
+        seen.add((path, model))
+        try:
+            if (path / META_FILE).is_file():
+                check_fits(path, model)
+            else:
+                check_compatible(model, config_from_pretrained(str(path)), source)
+        except CheckpointError as exc:
+            raise ExperimentError(f"trial {trial.name}: train.init_from: {exc}") from None
+    return resolved
