@@ -79,10 +79,10 @@ def prepare(corpus: Path, out: Path, workers: int) -> dict[str, float]:
 def loop(folder: Path, steps: int) -> dict[str, float]:
     import torch
 
+    from gptcore.accounting import training_flops_per_token
     from gptcore.config import JobConfig
     from gptcore.hardware import model_flops_utilisation, peak_flops
     from gptcore.hooks import Hooks
-    from gptcore.model import GPT
     from gptcore.train import train
 
     job = JobConfig.from_dict(
@@ -112,7 +112,7 @@ def loop(folder: Path, steps: int) -> dict[str, float]:
     rates = Rates()
     result = train(job, rates, data_dir=folder, device="cuda")
     steady = statistics.median(rates.rates[10:])
-    flops = GPT(job.model).flops_per_token()
+    flops = training_flops_per_token(job.model)
     mfu = model_flops_utilisation(steady, flops, peak_flops(torch.device("cuda")))
     return {"tokens_per_sec": steady, "mfu": mfu, "final_loss": result.metrics.get("train_loss")}
 

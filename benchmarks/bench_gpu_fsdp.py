@@ -4,7 +4,7 @@
 activation checkpointing, bf16 (bf16 parameters for compute, fp32 reductions and AdamW state), ``torch.compile`` of
 each block, vocabulary padded to 50304, context 1024, on a `SlidingWindowDataset` over random tokens (no tokenizer,
 no corpus). One evaluation at the end, no samples, no checkpoint written. Tokens/s is the median over the steps after
-``--skip`` (compilation); MFU counts the model's FLOPs (`GPT.flops_per_token`: 6 N + 12 L d T, not the recomputed
+``--skip`` (compilation); MFU counts the model's FLOPs (`training_flops_per_token`: 6 N + 12 L d T, not the recomputed
 forward of activation checkpointing) against the GPU's datasheet bf16 peak (`gptcore.hardware`).
 
     python benchmarks/bench_gpu_fsdp.py --preset gpt2-xl [--batch 8] [--steps 30] [--no-compile] [--no-ac]
@@ -70,6 +70,7 @@ def main() -> int:
     import numpy as np
     import torch
 
+    from gptcore.accounting import training_flops_per_token
     from gptcore.config import JobConfig
     from gptcore.data import SlidingWindowDataset
     from gptcore.hardware import model_flops_utilisation, peak_flops
@@ -119,7 +120,7 @@ def main() -> int:
             self.started = time.perf_counter()
 
         def on_train_start(self, ctx, state):
-            self.flops = ctx.model.flops_per_token(L)
+            self.flops = training_flops_per_token(ctx.config.model, L)
             self.params = ctx.model.num_params()
             took = time.perf_counter() - self.started
             print(f"set up in {took:.1f} s: {self.params / 1e6:.0f} M parameters", flush=True)

@@ -5,7 +5,7 @@ ours  gptcore's `GPT` (``pad_vocab_multiple=64``), `configure_optimizer` (fused 
 ref   llms_from_scratch.ch04.GPTModel at the same shape (context 1024, QKV bias, vocab 50257), fp32,
       torch.optim.AdamW: tokens/s only
 
-MFU = tokens/s x `GPT.flops_per_token` (6N + 12 L d T) / the device's dense bf16 peak
+MFU = tokens/s x `gptcore.accounting.training_flops_per_token` (6N + 12 L d T) / the device's dense bf16 peak
 (`gptcore.hardware.peak_flops`, or ``--peak-tflops``). Without CUDA it prints that the figure is
 unmeasured and exits 0. Each side in its own process.
 
@@ -53,6 +53,7 @@ def _profile(step: Any, device: Any, steps: int = 3, rows: int = 25) -> None:
 def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from gptcore.accounting import training_flops_per_token
     from gptcore.config import JobConfig
     from gptcore.model import GPT
     from gptcore.optimizer import configure_optimizer
@@ -97,7 +98,7 @@ def measure_ours(args: argparse.Namespace) -> dict[str, Any]:
         from gptcore.hardware import peak_flops
 
         peak = peak_flops(device)
-    flops = tok_s * model.flops_per_token(args.context)
+    flops = tok_s * training_flops_per_token(job.model, args.context)
     return {
         "tok_s": tok_s,
         "step_s": seconds,

@@ -30,6 +30,19 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 FSDP_VOCAB_MULTIPLE = 64
 
 
+def resolved_precision(precision: str, device_type: str, native_bf16: bool) -> str:
+    """``train.precision`` as a run resolves it on a device: "fp32", "bf16" or "fp16".
+
+    ``auto``: bf16 where the device computes it natively (``native_bf16``), fp16 (with a gradient scaler) on other
+    GPUs, fp32 on other CPUs, where emulated bf16 is slower than fp32.
+    """
+    if precision != "auto":
+        return precision
+    if native_bf16:
+        return "bf16"
+    return "fp16" if device_type == "cuda" else "fp32"
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 

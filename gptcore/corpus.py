@@ -291,6 +291,11 @@ def locked(path: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- checking a dataset against a job
 
 
+def window_count(n_tokens: int, context_length: int, stride: int) -> int:
+    """The windows of ``context_length`` tokens (and their next-token targets) that start every ``stride`` tokens."""
+    return (n_tokens - context_length - 1) // stride + 1
+
+
 def check_split_length(name: str, n_tokens: int, context_length: int) -> None:
     """A `DataError` unless a split of ``n_tokens`` tokens holds one window of ``context_length`` (and its target)."""
     if n_tokens < context_length + 1:

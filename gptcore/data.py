@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gptcore.config import JobConfig
-from gptcore.corpus import check_split_length, dataset_folder
+from gptcore.corpus import check_split_length, dataset_folder, window_count
 from gptcore.shards import DataError, open_split, read_manifest
 
 # --------------------------------------------------------------------------- windows
@@ -37,7 +37,7 @@ class SlidingWindowDataset(Dataset):
         self.key = key  # the prepared dataset's key: a checkpoint resumes only on the data it was taken on
         self.context_length = context_length
         self.stride = stride
-        self.n_windows = (len(tokens) - context_length - 1) // stride + 1
+        self.n_windows = window_count(len(tokens), context_length, stride)
 
     def __len__(self) -> int:
         return self.n_windows

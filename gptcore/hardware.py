@@ -1,7 +1,7 @@
 """Peak arithmetic rates of known accelerators, for model FLOPs utilisation (MFU).
 
-MFU = achieved model FLOP/s (`GPT.flops_per_token` x tokens/s) / the device's dense bf16 (fp16 on
-GPUs without bf16) tensor-core peak from its datasheet. Unknown devices get no peak, hence no MFU,
+MFU = achieved model FLOP/s (`gptcore.accounting.training_flops_per_token` x tokens/s) / the device's dense bf16
+(fp16 on GPUs without bf16) tensor-core peak from its datasheet. Unknown devices get no peak, hence no MFU,
 rather than a wrong one.
 """
 

@@ -316,19 +316,6 @@ class GPT(nn.Module):
             mask = (mask & pad_mask[:, None, None, :S]) | own  # a padding query attends to itself (no NaN)
         return mask
 
-    # ----------------------------------------------------------------------- accounting
-
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameter count (a tied head counted once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 N + 12 n_layers d_model T (PaLM appendix B).
-
-        N counts the weights that do matmuls: blocks, final norm and the head (embedding lookups excluded).
-        """
-        c = self.config
-        T = seq_len or c.context_length
-        n = sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.ln_f.parameters())
-        n += self.head.weight.numel()
-        return 6.0 * n + 12.0 * c.n_layers * c.d_model * T

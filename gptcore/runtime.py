@@ -10,7 +10,7 @@ import random
 import numpy as np
 import torch
 
-from gptcore.config import TrainConfig
+from gptcore.config import TrainConfig, resolved_precision
 
 
 def set_seed(seed: int) -> int:
@@ -36,21 +36,12 @@ def has_native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    ``auto``: bf16 where the device has it natively (`has_native_bf16`), fp16 (with a GradScaler) on older GPUs,
-    fp32 on other CPUs, where emulated bf16 is slower than fp32.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if has_native_bf16(device):
-        return torch.bfloat16
-    return torch.float16 if device.type == "cuda" else None
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32), as `resolved_precision` rules."""
+    return AUTOCAST_DTYPES[resolved_precision(precision, device.type, has_native_bf16(device))]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gptcore.accounting import run_length
 from gptcore.checkpoint import init_source_kind, load_checkpoint, load_model_weights
 from gptcore.checkpoint_format import TrainState
 from gptcore.checkpointing import CheckpointManager
@@ -114,8 +115,7 @@ def setup(
     _check_parallel(t, wrap_model, world_size)
     dtype = prepare_process(t, device, rank)
     train_ds, val_ds = datasets or build_datasets(config, data_dir)
-    batches_per_epoch = _batches_per_epoch(len(train_ds), t.batch_size, world_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
+    length = run_length(config, len(train_ds), world_size)
     model, init_report = _initial_model(config, rank, device, dtype)
     optimizer = configure_optimizer(model, config, device)  # after sharding: it holds this rank's shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -129,9 +129,9 @@ def setup(
         world_size=world_size,
         train_windows=len(train_ds),
         val_windows=len(val_ds),
-        batches_per_epoch=batches_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=int(min(t.max_steps or math.inf, t.epochs * steps_per_epoch)),
+        batches_per_epoch=length.batches_per_epoch,
+        steps_per_epoch=length.steps_per_epoch,
+        total_steps=length.total_steps,
         dtype=dtype,
         resumed_from=str(resume_from) if resume_from else None,
         init_report=init_report,
@@ -156,16 +156,6 @@ def _check_parallel(
             f"train.parallel=fsdp needs torch.distributed initialised with {world_size} rank(s) "
             "(train() starts a one-rank group itself when there is none)"
         )
-
-
-def _batches_per_epoch(windows: int, batch_size: int, world_size: int) -> int:
-    batches = windows // (batch_size * world_size)
-    if batches == 0:
-        raise ValueError(
-            f"the train split has {windows} windows, fewer than train.batch_size={batch_size} x "
-            f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
-        )
-    return batches
 
 
 def _initial_model(

@@ -22,6 +22,7 @@ USER_ERRORS = {
     "gptcore.shards": "DataError",
     "orchestrator.experiment": "ExperimentError",
     "orchestrator.results": "ReportError",
+    "orchestrator.scaling_law": "ScalingFitError",
     "orchestrator.storage": "StorageError",
     "orchestrator.sweep_error": "SweepError",
     "orchestrator.tracking": "TrackingError",
@@ -288,12 +289,24 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- scaling-fit
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    from orchestrator.scaling_fit import scaling_fit  # scipy: only for this verb
+
+    print(scaling_fit(args.results, as_json=args.json, predict_flops=args.predict_flops))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{run,prepare,ui,sample,report,export,register}")
+    verbs = parser.add_subparsers(
+        dest="verb", required=True, metavar="{run,prepare,ui,sample,report,export,register,scaling-fit}"
+    )
     _add_run(verbs)
     _add_prepare(verbs)
     _add_ui(verbs)
@@ -301,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(verbs)
     _add_report(verbs)
     _add_register(verbs)
+    _add_scaling_fit(verbs)
     return parser
 
 
@@ -390,6 +404,14 @@ def _add_register(verbs: argparse._SubParsersAction) -> None:
     register.add_argument("--sweep", help="sweep id (default: the latest)")
     register.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
     register.set_defaults(func=cmd_register)
+
+
+def _add_scaling_fit(verbs: argparse._SubParsersAction) -> None:
+    fit = verbs.add_parser("scaling-fit", help="fit a scaling law L(N, D) to runs (Hoffmann et al. 2022)")
+    fit.add_argument("results", help="CSV with columns params,tokens,loss (and optionally flops), one run a row")
+    fit.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    fit.add_argument("--predict-flops", type=float, metavar="C", help="also the best N, D and loss for C FLOPs")
+    fit.set_defaults(func=cmd_scaling_fit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import ray.train
 import torch
 from ray.train import CheckpointUploadMode
 
+from gptcore.accounting import training_flops_per_token
 from gptcore.checkpoint_format import TrainState
 from gptcore.checkpointing import CheckpointSaver
 from gptcore.hardware import model_flops_utilisation, peak_flops
@@ -170,7 +171,7 @@ class MlflowLogging(Hooks):
         self.logger = RunLogger(self.uri, self.run_id, skip_steps_upto=skip)
         self.system_metrics = start_system_metrics(self.run_id, self.uri)
         model = ctx.model
-        self.flops_per_token = model.flops_per_token(ctx.config.model.context_length)
+        self.flops_per_token = training_flops_per_token(ctx.config.model)
         self.peak = peak_flops(ctx.device)
         tags = {
             "host": socket.gethostname(),

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptcore.accounting import param_count, run_length, training_flops
 from gptcore.config import JobConfig
-from gptcore.corpus import check_windows, plan_corpus
-from gptcore.shards import Manifest, read_manifest
+from gptcore.corpus import check_windows, plan_corpus, window_count
+from gptcore.memory import peak_memory
+from gptcore.shards import DataError, Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
-from orchestrator.prepare import prepare, read_dataset_manifest, stage_locally
+from orchestrator.prepare import dataset_location, prepare, read_dataset_manifest, stage_locally
 from orchestrator.settings import torch_threads
 from orchestrator.storage import absolute_storage
 from orchestrator.sweep_error import SweepError
@@ -117,22 +119,79 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     if plan.experiment.scheduler:
         lines.append(f"scheduler: {plan.experiment.scheduler}")
     keys = list(plan.experiment.grid)
-    rows_of = decode_rows if plan.experiment.is_decode else _train_rows
-    header, rows = rows_of(plan.trials, keys)
+    if plan.experiment.is_decode:
+        header, rows = decode_rows(plan.trials, keys)
+    else:
+        header, rows = _train_rows(plan, keys, absolute_storage(options.storage, options.workdir))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     return "\n".join(lines)
 
 
-def _train_rows(trials: list[Trial], keys: list[str]) -> tuple[list[str], list[list[str]]]:
+def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], list[list[str]]]:
+    """Per trial: its grid values, model, length, and what it costs: parameters, the tokens it trains on and their
+    training FLOPs (`gptcore.accounting`), and its peak memory per worker (`gptcore.memory`, live tensors); a length
+    that depends on a corpus not prepared yet is said to."""
+    device_type = "cuda" if plan.use_gpu is True else "cpu"
     rows = []
-    for trial in trials:
+    for trial in plan.trials:
         job = trial.job
         steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
         model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
-        rows.append([trial.name, *[str(trial.params[k]) for k in keys], model, steps])
-    return ["trial", *keys, "model", "steps"], rows
+        windows = _train_windows(job, storage)
+        if windows is None and job.train.max_steps:  # at most max_steps full steps, whatever the corpus
+            t = job.train
+            most = t.max_steps * t.grad_accum_steps * t.batch_size * plan.workers * job.model.context_length
+            steps_total, tokens = f"<= {t.max_steps}", f"<= {_si(most)}"
+            flops = f"<= {training_flops(job.model, most):.2e}"
+        elif windows is None:
+            steps_total, tokens, flops = "?", "after preparation", "?"
+        else:
+            length = run_length(job, windows, plan.workers)
+            steps_total, tokens = str(length.total_steps), _si(length.tokens)
+            flops = f"{training_flops(job.model, length.tokens):.2e}"
+        params = _si(param_count(job.model).total)
+        memory = peak_memory(job, plan.workers, device_type, native_bf16=_native_bf16(device_type)).total
+        row = [model, params, steps, steps_total, tokens, flops, f"{memory / 2**30:.2f} GiB"]
+        rows.append([trial.name, *[str(trial.params[k]) for k in keys], *row])
+    header = ["model", "params", "length", "steps", "tokens", "FLOPs", "memory/worker"]
+    return ["trial", *keys, *header], rows
+
+
+def _native_bf16(device_type: str) -> bool:
+    """Whether the workers compute bf16 natively, for ``train.precision=auto``: GPUs are taken to (every GPU since
+    the A100 does); CPUs are taken to be this machine's kind."""
+    if device_type == "cuda":
+        return True
+    import torch
+
+    from gptcore.runtime import has_native_bf16
+
+    return has_native_bf16(torch.device("cpu"))
+
+
+def _train_windows(job: JobConfig, storage: str) -> int | None:
+    """The train split's windows of ``job``, when its corpus is small enough to tokenize here (into the cache, as a
+    run checks it before it starts) or already prepared in ``storage``; None for a corpus that needs the cluster, or
+    that this machine cannot read (a cluster's path: the run itself checks it)."""
+    try:
+        corpus = plan_corpus(job.data)
+        folder = stage_locally(corpus)
+    except DataError:
+        return None
+    manifest = read_manifest(folder) if folder else read_dataset_manifest(dataset_location(storage, corpus.key))
+    if manifest is None:
+        return None
+    return window_count(manifest.tokens("train"), job.model.context_length, job.stride)
+
+
+def _si(count: float) -> str:
+    """``count`` in a few digits: 1.62M, 87.0k, 124M."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= factor:
+            return f"{count / factor:.3g}{suffix}"
+    return f"{count:g}"
 
 
 def check_data(trials: list[Trial]) -> None:
