@@ -71,11 +71,24 @@ class RunLength:
     tokens: int
 
 
+def step_flops(job: JobConfig, world_size: int = 1) -> float:
+    """The training FLOPs of one full optimizer step: every worker's micro-batches of windows."""
+    t = job.train
+    return training_flops(job.model, t.batch_size * t.grad_accum_steps * world_size * job.model.context_length)
+
+
+def budget_steps(job: JobConfig, world_size: int = 1) -> int | None:
+    """The full optimizer steps ``train.flops_budget`` buys (None without a budget); 0 when it buys none."""
+    budget = job.train.flops_budget
+    return None if budget is None else int(budget // step_flops(job, world_size))
+
+
 def run_length(job: JobConfig, train_windows: int, world_size: int = 1) -> RunLength:
     """The length of ``job`` on a train split of ``train_windows`` windows, on ``world_size`` workers.
 
     Every worker reads ``train.batch_size`` windows per micro-batch; an optimizer step takes ``train.grad_accum_steps``
-    micro-batches, fewer at an epoch's end; the run ends after ``train.epochs`` or ``train.max_steps``.
+    micro-batches, fewer at an epoch's end; the run ends after ``train.epochs``, ``train.max_steps`` or the steps
+    ``train.flops_budget`` buys, whichever comes first.
     """
     t = job.train
     global_batch = t.batch_size * world_size
@@ -86,7 +99,15 @@ def run_length(job: JobConfig, train_windows: int, world_size: int = 1) -> RunLe
             f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
         )
     steps_per_epoch = math.ceil(batches / t.grad_accum_steps)
-    total_steps = min(t.max_steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
+    limits = [t.epochs * steps_per_epoch, *([t.max_steps] if t.max_steps else [])]
+    bought = budget_steps(job, world_size)
+    if bought == 0:
+        raise ValueError(
+            f"train.flops_budget={t.flops_budget:.3g} buys no optimizer step: one step of this model, "
+            f"train.batch_size={t.batch_size} x {world_size} worker(s) x context {job.model.context_length}, is "
+            f"{step_flops(job, world_size):.3g} FLOPs; raise the budget, or shrink the model or the batch"
+        )
+    total_steps = min(limits + ([bought] if bought is not None else []))
     epochs, steps_left = divmod(total_steps, steps_per_epoch)
     micro_batches = epochs * batches + min(steps_left * t.grad_accum_steps, batches)
     return RunLength(batches, steps_per_epoch, total_steps, micro_batches * global_batch * job.model.context_length)

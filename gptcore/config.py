@@ -227,6 +227,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (whatever the epochs)
+    # Train on this many FLOPs (gptcore.accounting): as many optimizer steps as the budget buys, the LR schedule
+    # ending where the run ends (a scaling ladder's trials each spend one budget)
+    flops_budget: float | None = None
     lr: float = 4e-4
     min_lr: float = 0.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -262,6 +265,8 @@ class TrainConfig:
             non_negative_int(getattr(self, name), f"train.{name}")
         if self.max_steps is not None:
             positive_int(self.max_steps, "train.max_steps")
+        if self.flops_budget is not None:
+            finite_number(self.flops_budget, "train.flops_budget", low=0.0, high=math.inf, low_open=True)
         if self.sample_every is not None:
             non_negative_int(self.sample_every, "train.sample_every")
         if self.sample_top_k is not None:

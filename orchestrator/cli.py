@@ -273,7 +273,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = write_report(uri, _experiment_name(args.experiment), args.sweep, args.out)
     print(f"Sweep {report['sweep']} ({report['ranking']}):\n{report['table']}")
     if args.out:
-        print(f"\nwritten to {Path(args.out).absolute()}: results.md, results.csv, val_loss_vs_tokens.png, ...")
+        written = ", ".join(["results.md", "results.csv", *(report["scaling"].files if report["scaling"] else [])])
+        print(f"\nwritten to {Path(args.out).absolute()}: {written}, plots")
     return 0
 
 

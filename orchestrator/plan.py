@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptcore.accounting import param_count, run_length, training_flops
+from gptcore.accounting import budget_steps, param_count, run_length, step_flops, training_flops
 from gptcore.config import JobConfig
 from gptcore.corpus import check_windows, plan_corpus, window_count
 from gptcore.memory import peak_memory
@@ -68,6 +68,7 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
         max_concurrent=concurrency_limit(experiment, options),
     )
     check_sharding(plan)
+    check_budgets(plan)
     return plan
 
 
@@ -83,6 +84,35 @@ def check_sharding(plan: Plan) -> None:
                 f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
                 f"{plan.workers} workers, which do not divide it evenly; use a worker count that divides {rows} "
                 "(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
+            )
+
+
+#: The model sizes an iso-FLOP profile needs per budget: a parabola in log N through fewer has no minimum to find.
+LADDER_SIZES = 3
+
+
+def check_budgets(plan: Plan) -> None:
+    """Each ``train.flops_budget`` buys a trial at least one optimizer step; a ladder (a grid over budgets) gives
+    each budget enough model sizes for its iso-FLOP profile."""
+    by_budget: dict[float, set[int]] = {}
+    for trial in plan.trials:
+        job = trial.job
+        if not isinstance(job, JobConfig) or job.train.flops_budget is None:
+            continue
+        if budget_steps(job, plan.workers) == 0:
+            raise SweepError(
+                f"trial {trial.name}: train.flops_budget={job.train.flops_budget:.3g} buys no optimizer step (one "
+                f"step is {step_flops(job, plan.workers):.3g} FLOPs); raise the budget, or shrink the model or "
+                "train.batch_size"
+            )
+        by_budget.setdefault(job.train.flops_budget, set()).add(param_count(job.model).total)
+    if "train.flops_budget" not in plan.experiment.grid:
+        return
+    for budget, sizes in sorted(by_budget.items()):
+        if len(sizes) < LADDER_SIZES:
+            raise SweepError(
+                f"the ladder's budget train.flops_budget={budget:.3g} has {len(sizes)} model size(s); its iso-FLOP "
+                f"profile needs {LADDER_SIZES} or more: add model sizes to the grid (e.g. model.d_model values)"
             )
 
 
@@ -140,10 +170,11 @@ def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], l
         steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
         model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
         windows = _train_windows(job, storage)
-        if windows is None and job.train.max_steps:  # at most max_steps full steps, whatever the corpus
+        bounds = [s for s in (job.train.max_steps, budget_steps(job, plan.workers)) if s]
+        if windows is None and bounds:  # at most so many full steps, whatever the corpus
             t = job.train
-            most = t.max_steps * t.grad_accum_steps * t.batch_size * plan.workers * job.model.context_length
-            steps_total, tokens = f"<= {t.max_steps}", f"<= {_si(most)}"
+            most = min(bounds) * t.grad_accum_steps * t.batch_size * plan.workers * job.model.context_length
+            steps_total, tokens = f"<= {min(bounds)}", f"<= {_si(most)}"
             flops = f"<= {training_flops(job.model, most):.2e}"
         elif windows is None:
             steps_total, tokens, flops = "?", "after preparation", "?"

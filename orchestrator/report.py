@@ -27,6 +27,7 @@ from orchestrator.results import (
     metric_history,
     trial_results,
 )
+from orchestrator.scaling_report import scaling_report
 from orchestrator.tracking import SWEEP_TAG, TRIAL_TAG, client_for
 
 
@@ -181,7 +182,8 @@ def log_trial_curve(tracking_uri: str, run_id: str) -> None:
 def write_report(
     tracking_uri: str, experiment: str, sweep_id: str | None = None, out_dir: str | Path | None = None
 ) -> dict[str, Any]:
-    """Build the table and plots of a sweep, save them (to ``out_dir`` if given) and log them to its parent run."""
+    """Build the table and plots of a sweep (and a scaling ladder's fits: `orchestrator.scaling_report`), save them
+    (to ``out_dir`` if given) and log them to its parent run."""
     client = client_for(tracking_uri)
     parent = find_parent_run(client, experiment, sweep_id)
     sweep = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
@@ -198,15 +200,22 @@ def write_report(
         }
         for name, text in files.items():
             (folder / name).write_text(text + "\n")
+        scaling = None
         if is_decode_sweep(results):
             plots = [plot_diversity_vs_perplexity(results, folder / "diversity_vs_perplexity.png", sweep)]
         else:
+            scaling = scaling_report(results, folder)  # None unless the sweep is a scaling ladder
             plots = [
                 plot_val_vs_tokens(results, folder / "val_loss_vs_tokens.png", f"{sweep}: validation loss"),
                 plot_train_vs_val(results, folder / "train_vs_val.png", f"{sweep}: train vs validation loss"),
             ]
-        for name in [*files, *(p.name for p in plots)]:
+        for name in [*files, *(p.name for p in plots), *(scaling.files if scaling else ())]:
             client.log_artifact(parent.info.run_id, str(folder / name), artifact_path="report")
+        for key, value in (scaling.metrics() if scaling else {}).items():
+            client.log_metric(parent.info.run_id, key, value)
+        table = format_table(results)
+        if scaling:  # a ladder's fits follow its table wherever the table is printed
+            table += "\n\n" + (folder / "scaling.txt").read_text().rstrip()
         best = results[0]
         if math.isfinite(best.best_val_loss):
             client.log_metric(parent.info.run_id, "best_val_loss", best.best_val_loss)
@@ -215,6 +224,7 @@ def write_report(
         "sweep": sweep,
         "parent_run_id": parent.info.run_id,
         "results": results,
-        "table": format_table(results),
+        "table": table,
         "ranking": ranking(results),
+        "scaling": scaling,
     }

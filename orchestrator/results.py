@@ -35,6 +35,7 @@ class TrialResult:
     tokens_per_sec: float = math.nan
     wall_time_s: float = math.nan
     params_trainable: float = math.nan
+    params_total: float = math.nan  # N of a scaling fit (orchestrator.scaling_report)
     distinct_1: float = math.nan  # decode trials (orchestrator.decode_trial)
     distinct_2: float = math.nan
     repetition_rate: float = math.nan
@@ -86,7 +87,7 @@ def trial_results(client: MlflowClient, parent_run_id: str) -> list[TrialResult]
                 tokens_seen=m.get("tokens_seen", math.nan),
                 tokens_per_sec=m.get("avg_tokens_per_sec", m.get("tokens_per_sec", math.nan)),
                 wall_time_s=m.get("wall_time_s", math.nan),
-                **{key: m.get(key, math.nan) for key in ("params_trainable", *DECODE_METRICS)},
+                **{key: m.get(key, math.nan) for key in ("params_trainable", "params_total", *DECODE_METRICS)},
                 best_checkpoint=tags.get(BEST_CHECKPOINT_TAG, tags.get("checkpoint", "")),
                 curves=curves,
                 kind=kind,

@@ -79,8 +79,25 @@ def _positive(row: list[str], column: int, where: str) -> float:
     return value
 
 
-def describe(fit: ParametricFit, isoflop: IsoFlopFit | None, why_not: str, predict: Allocation | None) -> str:
-    """The fits as text: the law with its intervals, the allocation exponents, the prediction, Approach 2."""
+def describe(fit: ParametricFit | str, isoflop: IsoFlopFit | None, why_not: str, predict: Allocation | None) -> str:
+    """The fits as text: the law with its intervals, the allocation exponents, the prediction, Approach 2. A fit
+    that could not be made is given as the reason why (``fit``, ``why_not``)."""
+    if isinstance(fit, str):
+        lines = [f"Approach 3 (parametric): not fitted: {fit}"]
+    else:
+        lines = _describe_parametric(fit, predict)
+    if isoflop:
+        lines.append(
+            f"Approach 2 (iso-FLOP profiles, {len(isoflop.budgets)} budgets): N_opt ∝ C^{isoflop.a:.3f}, "
+            f"D_opt ∝ C^{isoflop.b:.3f}"
+        )
+        lines += [f"  refused {reason}" for reason in isoflop.refused]
+    else:
+        lines.append(f"Approach 2 (iso-FLOP profiles): not fitted: {why_not}")
+    return "\n".join(lines)
+
+
+def _describe_parametric(fit: ParametricFit, predict: Allocation | None) -> list[str]:
     percent = f"{100 * fit.level:g} %"
     lines = [
         f"Approach 3 (parametric, {fit.points} runs; {percent} bootstrap intervals from {fit.resamples} resamples):",
@@ -95,15 +112,7 @@ def describe(fit: ParametricFit, isoflop: IsoFlopFit | None, why_not: str, predi
             f"  at C = {predict.flops:.3g} FLOPs: N_opt = {predict.params:.3g} params, "
             f"D_opt = {predict.tokens:.3g} tokens, predicted loss {predict.loss:.4f}"
         )
-    if isoflop:
-        lines.append(
-            f"Approach 2 (iso-FLOP profiles, {len(isoflop.budgets)} budgets): N_opt ∝ C^{isoflop.a:.3f}, "
-            f"D_opt ∝ C^{isoflop.b:.3f}"
-        )
-        lines += [f"  refused {reason}" for reason in isoflop.refused]
-    else:
-        lines.append(f"Approach 2 (iso-FLOP profiles): not fitted: {why_not}")
-    return "\n".join(lines)
+    return lines
 
 
 def _interval(fit: ParametricFit, name: str) -> str:

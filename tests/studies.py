@@ -36,6 +36,8 @@ STUDIES: dict[str, list[str]] = {
     "lr_sweep": ["train.lr=[5e-4,1e-4,1e-3]", "train.max_steps=24", "train.eval_every=4", "train.checkpoint_every=24"],
     "warmstart_vs_scratch": ["model.context_length=32", 'train.init_from=["{hf}"]'],  # the warm arm
     "full_grid": ["data.stride=32", "model.pos_emb=rope", "model.freeze_token_embeddings=true", "train.lr=5e-4"],
+    # three sizes on one budget that buys them 2-4 steps (the fewest an iso-FLOP profile takes)
+    "scaling_ladder": ["model.d_model=[32,48,64]", "train.flops_budget=[2.2e10]"],
     # the GPU study on the CPU: FSDP over gloo on 2 workers (ARGS), fp32, no compile, the-verdict, 30 steps;
     # its rank-1 worker is SIGKILLed at step 20 (`run_killing_rank_1`)
     "gpt2_xl_fsdp": [
@@ -63,7 +65,7 @@ for _name in ("posemb_sweep", "freeze_embeddings"):
     ARGS[_name] = ["--tracking-uri", "sqlite:///mlruns.db"]
 # a grid narrowed to one point (each trial costs a Ray Train start)
 TRIALS = {"posemb_sweep": 1, "full_grid": 1, "gpt2_xl_fsdp": 1, "freeze_embeddings": 1, "warmstart_vs_scratch": 1}
-TRIALS["lr_sweep"] = 3
+TRIALS["lr_sweep"] = TRIALS["scaling_ladder"] = 3
 STOPPED = {"lr_sweep": ["001_lr=0.0001"]}  # trials ASHA stops at its first rung
 # the test cluster has 2 CPUs and no GPU
 REFUSED_ON_THE_CLUSTER = {
@@ -116,7 +118,7 @@ def run_killing_rank_1(work: Path, experiment: str, sets: list[str], cluster: Ra
 # store: most of a sweep's time is process starts, which overlap. The decoding sweep follows the stride sweep whose
 # best checkpoint it samples; the FSDP study runs last and alone, on a cluster of its own (it takes both CPUs, and
 # its rank 1 is found as the only other Ray Train worker).
-SIDE_LANE = ("posemb_sweep", "freeze_embeddings", "warmstart_vs_scratch", "full_grid")
+SIDE_LANE = ("posemb_sweep", "freeze_embeddings", "warmstart_vs_scratch", "full_grid", "scaling_ladder")
 MODELS = "full_grid"  # the one-trial sweep whose registered model tests/test_mlflow_models.py reads and serves
 
 

@@ -7,7 +7,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from gptcore.accounting import param_count, run_length, training_flops, training_flops_per_token
+from gptcore.accounting import (
+    budget_steps,
+    param_count,
+    run_length,
+    step_flops,
+    training_flops,
+    training_flops_per_token,
+)
 from gptcore.config import PRESETS, model_config
 from gptcore.model import GPT
 
@@ -102,3 +109,58 @@ def test_the_dry_run_says_what_each_trial_costs(capsys):
             f"{training_flops(dataclasses.replace(config, context_length=256), tokens):.2e}",
         ]
         assert row[-2:] == [f"{peak_memory(job, 1, native_bf16=native_bf16).total / 2**30:.2f}", "GiB"]
+
+
+def test_a_flops_budget_sets_the_run_and_its_schedule():
+    """A trial spends its budget: the steps it buys, the cosine schedule ending at the last of them."""
+    from gptcore.hooks import Hooks
+    from gptcore.optimizer import learning_rate
+    from gptcore.train import train
+
+    from .conftest import tiny_job
+
+    job = tiny_job(train={"flops_budget": 2e10, "epochs": 100, "max_steps": None, "eval_every": 0, "min_lr": 1e-5})
+    steps = budget_steps(job)
+    assert steps == int(2e10 // step_flops(job)) and 3 <= steps <= 50
+
+    class LearningRates(Hooks):
+        def __init__(self):
+            self.lrs = []
+
+        def on_step(self, ctx, state, metrics):
+            self.lrs.append(metrics["lr"])
+
+    seen = LearningRates()
+    result = train(job, seen)
+    assert result.state.step == steps
+    assert seen.lrs == [learning_rate(k, steps, job) for k in range(steps)]
+    assert (
+        training_flops(job.model, result.state.tokens_seen)
+        <= 2e10
+        < training_flops(job.model, result.state.tokens_seen + job.train.batch_size * job.model.context_length)
+    )
+
+
+LADDER = """
+from orchestrator import Experiment, grid
+EXPERIMENT = Experiment(name="ladder", corpus="the-verdict", model="micro", train={{"epochs": 100}},
+                        grid={{"model.d_model": grid({sizes}), "train.flops_budget": grid({budgets})}})
+"""
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budgets", "message"),
+    [
+        ("32, 64, 96", "1e5, 1e12", "trial 000_d_model=32_flops_budget=100000: train.flops_budget=1e+05 buys no"),
+        ("32, 64", "1e11, 1e12", "budget train.flops_budget=1e+11 has 2 model size(s); its iso-FLOP profile needs 3"),
+    ],
+)
+def test_a_ladder_that_cannot_be_fitted_is_refused_before_anything_runs(tmp_path, capsys, sizes, budgets, message):
+    from orchestrator.cli import main
+
+    path = tmp_path / "ladder.py"
+    path.write_text(LADDER.format(sizes=sizes, budgets=budgets))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "ray_results").exists()

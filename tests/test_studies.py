@@ -119,6 +119,27 @@ def test_frozen_embeddings_train_fewer_parameters(studies):
     assert all(k.data.metrics["params_trainable"] == k.data.metrics["params_total"] for k in others.values())
 
 
+def test_each_ladder_trial_spends_its_budget_and_the_report_says_what_it_fitted(studies):
+    """Three sizes on one budget: each trial stops at the steps the budget buys (the largest sooner), and the report
+    holds the scaling files: one budget is too few for a fit, which it says rather than inventing one."""
+    work, outcomes = studies
+    client, parent, kids = sweep_runs(work, "scaling_ladder")
+    steps = {
+        name: max(m.step for m in client.get_metric_history(kid.info.run_id, "loss")) for name, kid in kids.items()
+    }
+    assert steps == {
+        "000_d_model=32_flops_budget=2.2e+10": 4,
+        "001_d_model=48_flops_budget=2.2e+10": 2,
+        "002_d_model=64_flops_budget=2.2e+10": 2,
+    }
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/scaling.json", "report/scaling.txt", "report/frontier.png", "report/loss_vs_params.png"} <= report
+    (work / "ladder").mkdir(exist_ok=True)
+    text = Path(client.download_artifacts(parent.info.run_id, "report/scaling.txt", str(work / "ladder"))).read_text()
+    assert "Approach 3 (parametric): not fitted" in text and "Approach 2 (iso-FLOP profiles): not fitted" in text
+    assert "Approach 3" in outcomes["scaling_ladder"][1]  # the fits follow the results table on the console
+
+
 def test_warm_arm_starts_from_the_pretrained_weights(studies):
     work, _ = studies
     _, _, kids = sweep_runs(work, "warmstart_vs_scratch")
