@@ -1,16 +1,34 @@
-"""Orchestration overhead: a 2-trial tiny sweep through ``python -m orchestrator run`` vs the same trainings plainly.
+"""Orchestration overhead (issue 26): a sweep through ``python -m orchestrator run`` vs the same trainings plainly,
+before and after a change, in one run.
 
-sweep         ``python -m orchestrator run experiments/stride_sweep.py --set model.preset=tiny
-              --set train.epochs=1`` in a fresh temporary folder (its mlruns.db, mlartifacts/, ray_results/
-              go there), a local Ray started by the CLI; every output line is time-stamped on arrival
-plain         one process: the same `JobConfig`s (`expand_trials`), `gptcore.train.train` one after the other
-plain+mlflow  the same plus the sweep's MLflow logging (`SweepTracker` runs + the workers' `MlflowLogging` hook)
+micro sweep   (default) 4 trials of the ``micro`` preset on tinyshakespeare, 40 steps each (an evaluation with a
+              sample at steps 20 and 40, a checkpoint at the end), one worker, ``max_concurrent=1``; the experiment
+              file is written into each side's work folder
+main job      (``--main``) ``experiments/stride_sweep.py`` at its default scale: two gpt2-small trials (~7-14 min a
+              side here)
 
-Each runs in its own process; walls include interpreter start and imports. Per-trial overhead is
-(sweep wall - plain wall) / 2. The sweep's time line (Ray start, MLflow runs, trial and training
-start and end, report) comes from the CLI's own output.
+Each job runs three times, one after the other, never at once:
 
-    python benchmarks/bench_orchestration.py [--quick]
+plain    one process: the sweep's jobs as its plan makes them (`make_plan`: a worker's CPUs as torch threads),
+         `gptcore.train.train` one after the other, no hooks (the current working tree's code)
+before   the CLI of a clone of this repository at ``--before`` (default 4f0790a), ``PYTHONPATH=<clone>``
+after    the CLI of the current working tree, ``PYTHONPATH=<repo>``
+
+Each sweep runs in a fresh temporary work folder (its mlruns.db, mlartifacts/, ray_results/ go there); PYTHONPATH
+wins over the editable install, for the CLI and the Ray processes it starts (inherited; checked for the CLI before
+each side). Every output line is time-stamped on arrival; the spans come from lines both sides print (Ray's "Started a
+local Ray instance", "sweep <id>: MLflow parent run", Tune's "Trial <name> started", the worker's "[<trial>] N steps ("
+and "[<trial>] <status> after N steps in", Tune's last "Wrote the latest version of all result files", "Results of
+sweep", "registered ..."), whatever Ray prefixes worker lines with. A worker line is stamped when the
+driver prints it (Ray forwards worker output from its log files, a fraction of a second later). Ray's log
+deduplication is off (RAY_DEDUP_LOGS=0): it would fold lines of different trials that differ only in numbers.
+
+Per-trial overhead is (sweep wall - plain wall) / trials; walls include interpreter start and imports.
+
+    flock /tmp/ray.lock python benchmarks/bench_orchestration.py [--quick] [--main] [--before REF] [--keep DIR]
+
+``--quick``: the micro sweep with 2 trials. ``--keep DIR``: each side's time-stamped output (``t<TAB>line``) is
+written to DIR.
 """
 
 from __future__ import annotations
@@ -18,176 +36,389 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import ROOT, emit, machine, run_side, summary, table
 
-EXPERIMENT = ROOT / "experiments" / "stride_sweep.py"
-OVERRIDES = ["model.preset=tiny", "train.epochs=1"]
-QUICK_OVERRIDES = ["train.max_steps=3"]
 GOAL_S = 5.0
+DEFAULT_BEFORE = "4f0790a"  # the commit before issue 26's change
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the Makefile's offline corpora, when they sit beside the checkout
+MICRO_STEPS = 40
+MICRO = """
+from orchestrator import Experiment, grid
+
+EXPERIMENT = Experiment(
+    name="bench_orchestration",
+    corpus="tinyshakespeare",
+    model="micro",
+    train={{"max_steps": {steps}, "eval_every": {every}}},
+    grid={{"train.seed": grid({seeds})}},
+    max_concurrent=1,
+)
+"""
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# (event, pattern): the first line matching a pattern marks the event; {trial} events are per trial.
+RAY_PREFIX = re.compile(r"^\([^()]*pid=\d+[^()]*\)\s*")  # "(RayTrainWorker pid=123)", "(X pid=1, ip=...)"
+# (event, pattern): the first line matching a pattern marks the event; per-trial events name the trial.
 EVENTS = [
-    ("ray started", re.compile(r"Started a local Ray instance")),
-    ("sweep ready (MLflow parent + child runs)", re.compile(r"^sweep \S+: MLflow parent run")),
-    ("{trial}: Tune trial started", re.compile(r"^Trial (?P<trial>\S+) started")),
-    ("{trial}: training started", re.compile(r"\[(?P<trial>[^\]]+)\] \d+ steps \(")),
-    ("{trial}: training finished", re.compile(r"\[(?P<trial>[^\]]+)\] \w+ after \d+ steps in")),
-    ("{trial}: Tune trial completed", re.compile(r"^Trial (?P<trial>\S+) completed")),
-    ("report printed", re.compile(r"^Results of sweep")),
+    ("ray", re.compile(r"Started a local Ray instance")),
+    ("parent", re.compile(r"^sweep \S+: MLflow parent run")),
+    ("started", re.compile(r"^Trial (?P<trial>\S+) started")),
+    ("first", re.compile(r"\[(?P<trial>[^\]]+)\] \d+ steps \(")),
+    ("finished", re.compile(r"\[(?P<trial>[^\]]+)\] \w+ after \d+ steps in")),
+    ("completed", re.compile(r"^Trial (?P<trial>\S+) completed")),
+    ("tune_end", re.compile(r"Wrote the latest version of all result files")),
+    ("results", re.compile(r"^Results of sweep")),
+    ("registered", re.compile(r"^(not )?registered\b")),
 ]
 
 
-# --------------------------------------------------------------------------- sides
+@dataclass
+class Job:
+    name: str
+    training: str  # what a trial's training span holds
+    timeout_s: float
+    file: Any = None  # side -> experiment file (a callable of (code root, work folder))
+    overrides: list[str] = field(default_factory=list)
 
 
-def run_sweep(overrides: list[str], workdir: Path) -> dict[str, Any]:
-    """Run the CLI in ``workdir``; returns its wall time, exit code and the time of each event."""
+# --------------------------------------------------------------------------- plain side (a subprocess)
+
+
+def measure_plain(experiment_file: Path, overrides: list[str], workdir: Path) -> dict[str, Any]:
+    """The sweep's trainings in this process, one after the other, without hooks: its plan's jobs (with the torch
+    threads the plan gives a worker's CPUs)."""
+    os.chdir(workdir)
+    from gptcore.train import train
+    from orchestrator.experiment import load_experiment, parse_overrides
+    from orchestrator.plan import SweepOptions, make_plan
+
+    experiment = load_experiment(experiment_file)
+    trials = make_plan(experiment, SweepOptions(overrides=parse_overrides(overrides, experiment.kind))).trials
+    train_s = []
+    for trial in trials:
+        start = time.perf_counter()
+        train(trial.job)
+        train_s.append(time.perf_counter() - start)
+    threads = sorted({t.job.train.num_threads for t in trials})
+    return {"trials": [t.name for t in trials], "train_s": train_s, "threads": threads}
+
+
+# --------------------------------------------------------------------------- sweep sides
+
+
+def code_env(code_root: Path) -> dict[str, str]:
+    """The environment of a side: its code first on PYTHONPATH, unbuffered output, no Ray log deduplication."""
+    path = os.pathsep.join(p for p in (str(code_root), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+
+
+def imported_from(code_root: Path, workdir: Path) -> str:
+    """Where ``orchestrator`` and ``gptcore`` come from under a side's environment (a check that PYTHONPATH wins)."""
+    probe = "import gptcore, orchestrator; print(orchestrator.__file__); print(gptcore.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=workdir, env=code_env(code_root), capture_output=True, text=True, check=True
+    ).stdout.split()
+    for path in out:
+        if not Path(path).resolve().is_relative_to(code_root.resolve()):
+            raise SystemExit(f"{path} is not under {code_root}: PYTHONPATH did not win over the installed package")
+    return str(Path(out[0]).parent.parent)
+
+
+def run_cli(code_root: Path, experiment: Path, overrides: list[str], workdir: Path, timeout: float) -> dict[str, Any]:
+    """``python -m orchestrator run`` in ``workdir`` with ``code_root`` first on PYTHONPATH; its wall time, exit code
+    and time-stamped output lines."""
     sets = [arg for item in overrides for arg in ("--set", item)]
-    command = [sys.executable, "-m", "orchestrator", "run", str(EXPERIMENT), *sets]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "orchestrator", "run", str(experiment), *sets]
     start = time.perf_counter()
     proc = subprocess.Popen(
-        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        command,
+        cwd=workdir,
+        env=code_env(code_root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,  # a timeout ends the CLI and the local Ray it started
     )
-    events: dict[str, float] = {}
-    lines: list[str] = []
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    lines: list[tuple[float, str]] = []
     assert proc.stdout is not None
-    for raw in proc.stdout:
-        now = time.perf_counter() - start
-        line = ANSI.sub("", raw.rstrip("\n"))
-        lines.append(line)
-        text = re.sub(r"^\(\w+ pid=\d+\)\s*", "", line)  # Ray's prefix on worker output
+    try:
+        for raw in proc.stdout:
+            lines.append((time.perf_counter() - start, ANSI.sub("", raw.rstrip("\n"))))
+        code = proc.wait()
+    finally:
+        timer.cancel()
+    return {"wall_s": time.perf_counter() - start, "exit": code, "lines": lines}
+
+
+def find_events(lines: list[tuple[float, str]]) -> dict[str, Any]:
+    """The first time of each event; per-trial events as {trial: time}."""
+    events: dict[str, Any] = {}
+    for t, line in lines:
+        text = RAY_PREFIX.sub("", line)
         for name, pattern in EVENTS:
             match = pattern.search(text)
-            if match:
-                events.setdefault(name.format(**match.groupdict()), now)
-    code = proc.wait()
-    return {"wall_s": time.perf_counter() - start, "exit": code, "events": events, "tail": lines[-15:]}
+            if not match:
+                continue
+            if "trial" in pattern.groupindex:
+                events.setdefault(name, {}).setdefault(match["trial"], t)
+            elif name == "tune_end":  # Tune writes its state now and then: its end is the last time
+                events[name] = t
+            else:
+                events.setdefault(name, t)
+    return events
 
 
-def measure_plain(overrides: list[str], mlflow: bool, workdir: Path) -> dict[str, Any]:
-    """The sweep's trainings in this process (optionally logging to MLflow as the workers do)."""
-    from gptcore.hooks import Hooks
-    from gptcore.train import train
-    from orchestrator.experiment import expand_trials, load_experiment, parse_overrides
+def per_trial(events: dict[str, Any], name: str, order: list[str]) -> list[float | None]:
+    """Times of a per-trial event in the trials' start order: by name where the names are Tune's, else by order."""
+    found: dict[str, float] = events.get(name, {})
+    if set(found) <= set(order):
+        return [found.get(trial) for trial in order]
+    times: list[float | None] = sorted(found.values())
+    return times + [None] * (len(order) - len(times))
 
-    experiment = load_experiment(EXPERIMENT)
-    trials = expand_trials(experiment, parse_overrides(overrides, experiment.kind))
-    setup = time.perf_counter()
-    hooks: list[Hooks] = [Hooks() for _ in trials]
-    tracker = parent = None
-    if mlflow:
-        from orchestrator.hooks import MlflowLogging
-        from orchestrator.tracking import SweepTracker, default_artifact_root, resolve_tracking_uri
 
-        uri = resolve_tracking_uri(None, workdir)
-        tracker = SweepTracker(uri, experiment.name, artifact_root=default_artifact_root(workdir))
-        parent = tracker.parent_run("bench", params={"trials": len(trials)}, tags={})
-        runs = [tracker.child_run(parent, "bench", t.name, params=t.job.flat(), tags={}) for t in trials]
-        hooks = [MlflowLogging(uri, run_id) for run_id in runs]
-    setup_s = time.perf_counter() - setup
-    train_s = []
-    for trial, hook in zip(trials, hooks, strict=True):
-        start = time.perf_counter()
-        train(trial.job, hook)
-        train_s.append(time.perf_counter() - start)
-    if tracker is not None and parent is not None:
-        tracker.finish(parent, "finished")
-    return {"trials": [t.name for t in trials], "setup_s": setup_s, "train_s": train_s}
+def spans(result: dict[str, Any]) -> dict[str, Any]:
+    """The spans of one sweep (seconds; None where a line is missing) and its trials in start order."""
+    ev = find_events(result["lines"])
+    wall = result["wall_s"]
+    order = sorted(ev.get("started", {}), key=ev["started"].get) if "started" in ev else []
+    started, first, finished = (per_trial(ev, n, order) for n in ("started", "first", "finished"))
+
+    def gap(a: float | None, b: float | None) -> float | None:
+        return b - a if a is not None and b is not None else None
+
+    last_end = finished[-1] if finished else None
+    return {
+        "trials": order,
+        "start": ev.get("parent"),
+        "ray": ev.get("ray"),
+        "ray_to_parent": gap(ev.get("ray"), ev.get("parent")),
+        "tune_start": gap(ev.get("parent"), started[0] if started else None),
+        "trial_start": [gap(s, f) for s, f in zip(started, first, strict=True)],
+        "training": [gap(f, e) for f, e in zip(first, finished, strict=True)],
+        "between": [gap(e, s) for e, s in zip(finished, started[1:], strict=False)],
+        "end": gap(last_end, wall),
+        "end_to_tune_end": gap(last_end, ev.get("tune_end")),
+        "tune_end_to_results": gap(ev.get("tune_end"), ev.get("results")),
+        "results_to_exit": gap(ev.get("results"), wall),
+        "registered": ev.get("registered") is not None,
+        "wall": wall,
+    }
 
 
 # --------------------------------------------------------------------------- report
 
 
-def timeline(events: dict[str, float], wall: float) -> list[list[str]]:
-    """Event rows in time order with the time since the previous event."""
-    rows, last = [], 0.0
-    for name, t in [*sorted(events.items(), key=lambda kv: kv[1]), ("process exited", wall)]:
-        rows.append([f"{t:.1f}", f"+{t - last:.1f}", name])
-        last = t
-    return rows
+def fmt(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
 
 
-def phases(events: dict[str, float], trials: list[str]) -> list[list[str]]:
-    """Durations of the sweep's phases (per trial where it applies)."""
+def each(values: list[float | None]) -> str:
+    """Per-trial values and their mean."""
+    if not values:
+        return "-"
+    known = [v for v in values if v is not None]
+    mean = f" (mean {sum(known) / len(known):.1f})" if len(known) > 1 else ""
+    return " / ".join(fmt(v) for v in values) + mean
 
-    def span(a: str, b: str) -> str:
-        return f"{events[b] - events[a]:.1f}" if a in events and b in events else "?"
 
-    rows = [
-        ["CLI start, imports, ray.init", f"{events.get('ray started', float('nan')):.1f}"],
-        ["MLflow store + parent/child runs", span("ray started", "sweep ready (MLflow parent + child runs)")],
-    ]
-    for trial in trials:
-        rows += [
-            [f"{trial}: Tune trial -> training start (actors, imports, data, model)",
-             span(f"{trial}: Tune trial started", f"{trial}: training started")],
-            [f"{trial}: training (incl. its evals, samples, checkpoints, MLflow)",
-             span(f"{trial}: training started", f"{trial}: training finished")],
-            [f"{trial}: training end -> Tune trial completed",
-             span(f"{trial}: training finished", f"{trial}: Tune trial completed")],
-        ]  # fmt: skip
-    last_done = max((t for n, t in events.items() if n.endswith("Tune trial completed")), default=float("nan"))
+def spans_table(job: Job, sides: dict[str, dict[str, Any]]) -> str:
+    """The issue's spans, one column per side."""
+    names = list(sides)
+    rows_spec = [
+        ("start: imports, local Ray, MLflow tables and the parent run", lambda s: fmt(s["start"])),
+        ('  of which to "Started a local Ray instance"', lambda s: fmt(s["ray"])),
+        ("  of which Ray started to the parent run (data check, MLflow tables, runs)",
+         lambda s: fmt(s["ray_to_parent"])),
+        ('Tune start to the first trial\'s "started"', lambda s: fmt(s["tune_start"])),
+        ('a trial\'s "started" to its worker\'s first line (TrainController, worker group, imports, data, model), each',
+         lambda s: each(s["trial_start"])),
+        (f"a trial's training ({job.training}), each", lambda s: each(s["training"])),
+        ("a trial's end (its worker's last line) to the next trial's start, each", lambda s: each(s["between"])),
+        ("results table, report, registering the best model: the last trial's end to exit", lambda s: fmt(s["end"])),
+        ('  of which to Tune\'s end ("Wrote the latest version of all result files")',
+         lambda s: fmt(s["end_to_tune_end"])),
+        ('  of which to "Results of sweep" (trial statuses into MLflow, ray.shutdown, the report)',
+         lambda s: fmt(s["tune_end_to_results"])),
+        ('  of which "Results of sweep" to exit (registering the best model)', lambda s: fmt(s["results_to_exit"])),
+        ("sweep wall (the spans add up to it)", lambda s: fmt(s["wall"])),
+    ]  # fmt: skip
+    rows = [[label, *(render(sides[n]) for n in names)] for label, render in rows_spec]
+    return table(["span (s)", *names], rows)
+
+
+def overhead(sweep_wall: float, plain_wall: float, trials: int) -> float:
+    return (sweep_wall - plain_wall) / trials
+
+
+def report(job: Job, plain: dict[str, Any], results: dict[str, dict[str, Any]], labels: dict[str, str]) -> bool | None:
+    """Print one job's tables; returns whether the goal was met after the change (None: not measured)."""
+    n = len(plain["trials"])
+    measured = {side: spans(r) for side, r in results.items() if r["exit"] == 0}
+    print(f"\n### {job.name}: {n} trials ({', '.join(plain['trials'])})\n")
+    for side, label in labels.items():
+        print(f"{side}: {label}")
+    print()
+    print(spans_table(job, {side: measured[side] for side in results if side in measured}))
+    print()
+    rows = []
+    for side, r in results.items():
+        if r["exit"] != 0:
+            rows.append([f"sweep ({side})", f"FAILED (exit {r['exit']})", "", ""])
+            continue
+        per = overhead(r["wall_s"], plain["process_s"], n)
+        walls = f"({r['wall_s']:.1f} - {plain['process_s']:.1f}) / {n}"
+        rows.append(
+            [f"sweep ({side})", f"{r['wall_s']:.1f}", f"{walls} = {per:.1f}", "met" if per <= GOAL_S else "NOT met"]
+        )
+    train_s = " + ".join(f"{t:.1f}" for t in plain["train_s"])
+    threads = ", ".join(str(t or "default") for t in plain["threads"])
     rows.append(
-        ["last trial completed -> report printed", f"{events.get('report printed', float('nan')) - last_done:.1f}"]
+        [f"plain (one process, torch threads {threads})", f"{plain['process_s']:.1f}", f"train(): {train_s}", ""]
     )
-    return rows
+    print(table(["run", "wall s", "per-trial overhead s (sweep - plain) / trials", f"goal <= {GOAL_S:.0f} s"], rows))
+    for side, r in results.items():
+        if r["exit"] != 0:
+            print(f"\n{side} failed; its last lines:\n" + "\n".join(line for _, line in r["lines"][-25:]))
+    if "after" not in measured:
+        return None
+    return overhead(results["after"]["wall_s"], plain["process_s"], n) <= GOAL_S
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def clone_at(ref: str, dest: Path) -> str:
+    """A clone of this repository at ``ref`` in ``dest`` (this checkout untouched); its description."""
+    git("clone", "-q", "--no-checkout", str(ROOT), str(dest))
+    git("checkout", "-q", ref, cwd=dest)
+    subject = git("log", "-1", "--format=%s", cwd=dest).strip()
+    return f"{git('log', '-1', '--format=%h', cwd=dest).strip()} {subject[:60]}{'…' if len(subject) > 60 else ''}"
+
+
+def working_tree() -> str:
+    """HEAD of this checkout and its uncommitted changes (read without taking git's index lock)."""
+    head = git("log", "-1", "--format=%h").strip()
+    changed = [line[3:] for line in git("--no-optional-locks", "status", "--porcelain").splitlines()]
+    return f"{head} + uncommitted {', '.join(changed)}" if changed else f"{head} (no uncommitted changes)"
+
+
+def write_micro(folder: Path, trials: int) -> Path:
+    path = folder / "micro_sweep.py"
+    seeds = ", ".join(str(s) for s in range(1, trials + 1))
+    path.write_text(MICRO.format(steps=MICRO_STEPS, every=MICRO_STEPS // 2, seeds=seeds))
+    return path
+
+
+def run_job(job: Job, before: str, keep: Path | None) -> tuple[bool | None, dict[str, Any]]:
+    """plain, then before, then after; prints the job's tables."""
+    with tempfile.TemporaryDirectory(prefix="bench-orch-") as tmp:
+        tmp_path = Path(tmp)
+        clone = tmp_path / "before-code"
+        labels = {"before": f"{clone_at(before, clone)} (clone at {before})", "after": f"{working_tree()} ({ROOT})"}
+        codes = {"before": clone, "after": ROOT}
+        plain_dir = tmp_path / "plain"
+        plain_dir.mkdir()
+        print(f"{job.name}: plain ({time.strftime('%H:%M:%S')})", flush=True)
+        plain = run_side(
+            __file__,
+            ["--side", "plain", "--workdir", str(plain_dir), "--experiment", str(job.file(ROOT, plain_dir)),
+             *(arg for item in job.overrides for arg in ("--set", item))],
+            timeout=job.timeout_s,
+            env={"PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        results = {}
+        for side, code in codes.items():
+            work = tmp_path / side
+            work.mkdir()
+            origin = imported_from(code, work)
+            print(f"{job.name}: {side} sweep, code from {origin} ({time.strftime('%H:%M:%S')})", flush=True)
+            results[side] = run_cli(code, job.file(code, work), job.overrides, work, job.timeout_s)
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                log = "\n".join(f"{t:.3f}\t{line}" for t, line in results[side]["lines"])
+                (keep / f"{job.name.replace(' ', '_')}-{side}.log").write_text(log + "\n")
+        met = report(job, plain, results, labels)
+    walls = {side: r["wall_s"] for side, r in results.items() if r["exit"] == 0}
+    failed = [side for side, r in results.items() if r["exit"] != 0]
+    return met, {"plain": plain["process_s"], "walls": walls, "trials": len(plain["trials"]), "failed": failed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="also --set train.max_steps=3")
-    parser.add_argument("--side", choices=["plain", "plain+mlflow"], help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="the micro sweep with 2 trials instead of 4")
+    parser.add_argument("--main", action="store_true", help="also the main job (experiments/stride_sweep.py, long)")
+    parser.add_argument(
+        "--before", default=DEFAULT_BEFORE, help=f"git ref of the before side (default {DEFAULT_BEFORE})"
+    )
+    parser.add_argument("--keep", type=Path, help="write each side's time-stamped output to this folder")
+    parser.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--experiment", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    overrides = OVERRIDES + (QUICK_OVERRIDES if args.quick else [])
+    if SHARED_DATA.is_dir():
+        os.environ.setdefault("GPTCORE_DATA_DIR", str(SHARED_DATA))
     if args.side:
-        emit(measure_plain(overrides, args.side == "plain+mlflow", args.workdir))
+        emit(measure_plain(args.experiment, args.overrides, args.workdir))
         return
 
     print(f"machine: {machine()}")
-    print(f"sweep: python -m orchestrator run {EXPERIMENT.relative_to(ROOT)} --set {' --set '.join(overrides)}\n")
-    quick = ["--quick"] if args.quick else []
-    with tempfile.TemporaryDirectory(prefix="bench-orch-") as tmp:
-        sweep = run_sweep(overrides, Path(tmp))
-        if sweep["exit"] != 0:
-            raise SystemExit("the sweep failed:\n" + "\n".join(sweep["tail"]))
-        plain = run_side(__file__, ["--side", "plain", "--workdir", tmp, *quick])
-        logged = run_side(__file__, ["--side", "plain+mlflow", "--workdir", tmp, *quick])
-    trials = plain["trials"]
-    n = len(trials)
-    print(
-        table(
-            ["t (s)", "since previous", "sweep event (from the CLI's output)"],
-            timeline(sweep["events"], sweep["wall_s"]),
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n", flush=True)
+    n = 2 if args.quick else 4
+    every = MICRO_STEPS // 2
+    jobs = [
+        Job(
+            "micro sweep",
+            f"{MICRO_STEPS} steps, evaluations with a sample at {every} and {MICRO_STEPS}, a checkpoint",
+            900.0,
+            lambda _code, work: write_micro(work, n),
         )
-    )
-    print()
-    print(table(["sweep phase", "seconds"], phases(sweep["events"], trials)))
-    print()
-    rows = [["sweep (Ray Tune + Ray Train + MLflow)", f"{sweep['wall_s']:.1f}", "", ""]]
-    for name, r in (("plain (one process)", plain), ("plain + MLflow logging", logged)):
-        rows.append([name, f"{r['process_s']:.1f}", f"{sum(r['train_s']):.1f}", f"{r['setup_s']:.1f}"])
-    print(table(["run", "process wall s", "train() s (both)", "hooks setup s (imports, MLflow runs)"], rows))
-    overhead = (sweep["wall_s"] - plain["process_s"]) / n
-    mlflow = (logged["process_s"] - plain["process_s"]) / n
-    walls = f"({sweep['wall_s']:.1f} - {plain['process_s']:.1f}) / {n}"
-    print(f"\nper-trial overhead of the sweep: {walls} = {overhead:.1f} s")
-    print(f"of which MLflow (setup + logging, in-process): {mlflow:.1f} s per trial")
-    print(f"goal <= {GOAL_S:.0f} s per trial: {'met' if overhead <= GOAL_S else 'NOT met'}")
-    summary(
-        "orchestration",
-        f"{overhead:.1f} s/trial overhead ({sweep['wall_s']:.0f} s sweep vs {plain['process_s']:.0f} s plain)",
-        f"<= {GOAL_S:.0f} s/trial",
-        overhead <= GOAL_S,
-    )
+    ]
+    if args.main:
+        jobs.append(
+            Job(
+                "main job",
+                "its steps, an evaluation every 5 steps, a sample every 10, checkpoints every 50 and at the end",
+                3600.0,
+                lambda code, _work: code / "experiments" / "stride_sweep.py",
+            )
+        )
+    failed = []
+    for job in jobs:
+        met, figures = run_job(job, args.before, args.keep)
+        failed += [f"{job.name} {side}" for side in figures["failed"]]
+        walls, plain, trials = figures["walls"], figures["plain"], figures["trials"]
+        per = {side: f"{overhead(w, plain, trials):.1f}" for side, w in walls.items()}
+        verdict = "not measured" if met is None else "met" if met else "NOT met"
+        print(f"\nper-trial overhead: before {per.get('before', '?')} s, after {per.get('after', '?')} s")
+        print(f"goal <= {GOAL_S:.0f} s per trial (after): {verdict}")
+        suffix = "" if job.name == "micro sweep" else f" ({job.name})"
+        summary(
+            f"orchestration{suffix}",
+            f"{per.get('after', '?')} s/trial overhead after, {per.get('before', '?')} before "
+            f"({walls.get('after', float('nan')):.0f} s sweep vs {plain:.0f} s plain, {trials} trials)",
+            f"<= {GOAL_S:.0f} s/trial",
+            met,
+        )
+    print(f"\nfinished {time.strftime('%H:%M:%S')}; machine: {machine()}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

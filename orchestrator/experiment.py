@@ -75,7 +75,7 @@ class Experiment:
     train: dict[str, Any] = field(default_factory=dict)
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
-    workers: int = 1  # Ray Train workers per trial (DDP when > 1)
+    workers: int = 1  # workers per trial: 1 trains in the Tune trial actor, > 1 on Ray Train workers (DDP)
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: 1 CPU per worker
     max_concurrent: int | None = None

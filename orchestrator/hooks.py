@@ -1,18 +1,20 @@
-"""Hooks a Ray Train worker plugs into gptcore's `train`: Ray reports, console progress, MLflow.
+"""Hooks a trial plugs into gptcore's `train`: reports to Ray, console progress, MLflow.
 
-Rank 0 logs per-step metrics, samples and the loss curve to the trial's MLflow child run; every
-rank takes part in `ray.train.report` at evaluation points (a collective), rank 0 attaching a
-checkpoint at checkpoint points — or, when the model is sharded (FSDP), every rank attaching the
-checkpoint folder it wrote its shards to (the same folder, or one each that Ray uploads into one).
+Rank 0 logs per-step metrics, samples and the loss curve to the trial's MLflow child run. Results and checkpoints go
+to Tune at evaluation points: from Ray Train workers (`TrainReporter`; every rank takes part, a collective), or
+from the trial actor itself when a trial trains there (`TuneReporter`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,8 @@ class StepClock:
 
 
 class RayReporter(Hooks):
-    """Reports evaluation metrics (and checkpoints from rank 0, or from every rank when sharded) to Ray Train / Tune.
-
-    Every rank reports the same metrics the same number of times; Ray registers a checkpoint once every rank that
-    attached it has reported it.
-    """
+    """Reports evaluation metrics, and checkpoints at checkpoint points, to Tune: the same results on either path a
+    trial trains on (`TrainReporter`: Ray Train workers; `TuneReporter`: the trial actor itself)."""
 
     def __init__(self) -> None:
         self.clock = StepClock()
@@ -70,14 +69,42 @@ class RayReporter(Hooks):
         }
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:
-        # Reports go through Ray's upload thread in order, so a checkpoint being written never blocks training.
         self.last = {**metrics, **self._progress(ctx, state)}
-        name = f"checkpoint_{state.step:07d}"
+        self.report(ctx, dict(self.last), save, f"checkpoint_{state.step:07d}")
+
+    def on_train_end(self, ctx, state, result: TrainResult) -> None:
+        final = {
+            **self.last,
+            **{k: v for k, v in result.metrics.items() if isinstance(v, float)},
+            **self._progress(ctx, state),
+            "status": result.status,
+            "wall_time_s": round(result.wall_time, 2),
+            "avg_tokens_per_sec": round(result.tokens_per_sec, 1),
+            "final": True,
+        }
+        # A diverged trial's NaN losses become +inf: Tune needs the metric in every result, and inf ranks last.
+        self.report(ctx, {k: math.inf if isinstance(v, float) and math.isnan(v) else v for k, v in final.items()})
+
+    def report(
+        self, ctx: TrainContext, metrics: dict[str, Any], save: CheckpointSaver | None = None, name: str = ""
+    ) -> None:
+        """Report ``metrics``, with the checkpoint ``save`` takes (named ``name``) when it is given."""
+        raise NotImplementedError
+
+
+class TrainReporter(RayReporter):
+    """On Ray Train workers: every rank reports the same metrics the same number of times; rank 0 attaches the
+    checkpoint (every rank, when sharded), and Ray registers it once every rank that attached it has reported it.
+
+    Reports go through Ray's upload thread in order, so a checkpoint being written never blocks training.
+    """
+
+    def report(self, ctx, metrics, save=None, name=""):
         checkpoint, upload, delete_local = None, None, False
         if save is not None and (ctx.is_main or save.sharded):  # sharded: a collective, each rank its own shards
             checkpoint, upload, delete_local = self._start_checkpoint(save, name)
         ray.train.report(
-            dict(self.last),
+            metrics,
             checkpoint=checkpoint,
             checkpoint_dir_name=name if save is not None else None,
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
@@ -111,18 +138,54 @@ class RayReporter(Hooks):
 
         return ray.train.Checkpoint.from_directory(str(local)), upload, True
 
+
+class TuneReporter(RayReporter):
+    """In a trial actor (one worker, no Ray Train): reports go to Tune in order, from a thread of their own, so that
+    training goes on while a checkpoint is written to a local folder and Tune copies it into the trial's storage.
+
+    Tune keeps a trial's reports waiting until it has taken each one, and ends a trial it stops (a scheduler's
+    decision) inside a report: that end is raised in the training thread at its next report. The last report
+    returns once every report is with Tune.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Tune logs every checkpoint's copy at INFO: one line per evaluation on the driver's console
+        logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+        self.reports = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tune-report")
+        self.sent: list[Future[None]] = []
+
+    def report(self, ctx, metrics, save=None, name=""):
+        self._raise_failed()
+        folder = written = None
+        if save is not None:
+            folder = Path(tempfile.mkdtemp(prefix="gptcore-ckpt-"))
+            written = save.start(folder)
+        self.sent.append(self.reports.submit(_report_to_tune, metrics, written, folder))
+
     def on_train_end(self, ctx, state, result: TrainResult) -> None:
-        final = {
-            **self.last,
-            **{k: v for k, v in result.metrics.items() if isinstance(v, float)},
-            **self._progress(ctx, state),
-            "status": result.status,
-            "wall_time_s": round(result.wall_time, 2),
-            "avg_tokens_per_sec": round(result.tokens_per_sec, 1),
-            "final": True,
-        }
-        # A diverged trial's NaN losses become +inf: Tune needs the metric in every result, and inf ranks last.
-        ray.train.report({k: math.inf if isinstance(v, float) and math.isnan(v) else v for k, v in final.items()})
+        super().on_train_end(ctx, state, result)
+        self.reports.shutdown(wait=True)
+        self._raise_failed()
+
+    def _raise_failed(self) -> None:
+        for sent in [s for s in self.sent if s.done()]:
+            self.sent.remove(sent)
+            sent.result()  # a failed report (or the trial's end, as Tune asks for it) ends training here
+
+
+def _report_to_tune(metrics: dict[str, Any], written: Future[Path] | None, folder: Path | None) -> None:
+    import ray.tune
+
+    try:
+        if written is None:
+            ray.tune.report(metrics)
+        else:
+            written.result()
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(str(folder)))
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class ConsoleProgress(Hooks):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,28 @@ class SweepSettings:
     kind: str = "train"
     scheduler: dict[str, Any] | None = None  # ASHA's fields
     max_concurrent: int | None = None  # the user's limit (--max-concurrent, else the experiment's)
+    # Trials train in their Tune trial actor, not in a TorchTrainer (`trains_in_trial_actor`); a sweep.json without
+    # it was started when every trial ran a TorchTrainer, whose checkpoints its resumed trials must find
+    in_trial_actor: bool = False
 
     def worker_resources(self) -> dict[str, float]:
-        """What one Ray Train worker (a decode trial: the trial itself) asks for: its CPUs, and a GPU if used."""
+        """What one worker asks for, its CPUs and a GPU if used: a Ray Train worker, or the trial actor itself when
+        it trains (or samples, in a decode sweep) there."""
         return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
 
 
 def torch_threads(cpus: float) -> int:
     """Torch's intra-op threads in a process given ``cpus`` CPUs: one per whole CPU, at least one."""
     return max(1, int(cpus))
+
+
+def trains_in_trial_actor(workers: int, parallel: Iterable[str]) -> bool:
+    """Whether a sweep's trials train in their Tune trial actor rather than in a `TorchTrainer` of their own.
+
+    A trial of one worker whose model is not sharded needs nothing of Ray Train: no process group, no worker group.
+    In the trial actor it starts no process (Tune reuses the actor of the trial before it, torch already imported)
+    where a `TorchTrainer` starts five, about 7 s of a trial's start on two cores. Tune then keeps its checkpoints
+    and restarts it from the latest after a failure, as Ray Train does for a worker group. Trials of several workers,
+    or sharded (FSDP, which needs Ray Train's process group even on one rank), run a `TorchTrainer` each.
+    """
+    return workers == 1 and all(p != "fsdp" for p in parallel)

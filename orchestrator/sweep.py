@@ -1,18 +1,23 @@
 """Run a sweep on Ray Tune to its end, new or resumed, and record each trial's outcome in MLflow.
 
-One Tune trial per grid point: a Ray Train run of gptcore's loop (`orchestrator.trial`), or for a decode sweep a
-sampling run (`orchestrator.decode_trial`). Planning, the cluster, sweep.json and the MLflow runs it starts from are
+One Tune trial per grid point: gptcore's loop in the trial actor, or in a Ray Train run of its own when the trial
+has several workers or a sharded model (`orchestrator.trial`); for a decode sweep a sampling run
+(`orchestrator.decode_trial`). Planning, the cluster, sweep.json and the MLflow runs it starts from are
 `orchestrator.plan`, `orchestrator.cluster`, `orchestrator.resume` and `orchestrator.sweep_runs`.
 
 Layout in storage (a local folder or an ``s3://`` URI)::
 
-    <storage>/<sweep_id>/sweep.json                 the plan: trials, configs, settings (used by --resume)
-    <storage>/<sweep_id>/<trial>/...                Tune's trial files
-    <storage>/<sweep_id>/<trial>/train/checkpoint_*  Ray Train checkpoints (gptcore checkpoint folders)
+    <storage>/<sweep_id>/sweep.json                   the plan: trials, configs, settings (used by --resume)
+    <storage>/<sweep_id>/<trial>/...                  Tune's trial files
+    <storage>/<sweep_id>/<trial>/checkpoint_*         a trial's checkpoints, trained in the trial actor (Tune's)
+    <storage>/<sweep_id>/<trial>/train/checkpoint_*   a trial's checkpoints, trained by Ray Train workers
+
+Either way a checkpoint is a gptcore checkpoint folder.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +43,7 @@ from orchestrator.tracking import (
     resolve_tracking_uri,
     wait_until_reachable,
 )
-from orchestrator.trial import run_trial
+from orchestrator.trial import trainable as trial_trainable
 from orchestrator.trial_spec import TrialSpec
 
 
@@ -145,13 +150,12 @@ def _tuner(specs: dict[str, TrialSpec], settings: SweepSettings, sweep_dir: str,
     """The Tuner of the sweep: restored from ``sweep_dir`` when resuming one Tune saved, else new."""
     import ray.tune
 
-    if is_decode(settings.kind):  # inference in the Tune trial itself
-        trainable = decode_trainable(specs, settings)
-    else:
-        trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(run_trial, specs=specs, settings=settings),
-            {"memory": 1},  # the trial's driver function is light; Train workers hold the CPUs/GPUs
-        )
+    # Tune restores a trial from the latest checkpoint its saved state names, and saves that state every 10 s or
+    # more ("auto"): a driver killed in between would resume trials from an older checkpoint (or from scratch),
+    # one that Tune may even have deleted since. The state of a sweep is a few kB.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # inference in the Tune trial itself
+    trainable = decode_trainable(specs, settings) if is_decode(settings.kind) else trial_trainable(specs, settings)
     if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
         return ray.tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     return _new_tuner(trainable, list(specs), settings, options.address)
@@ -188,7 +192,13 @@ def _new_tuner(trainable, names: list[str], settings: SweepSettings, address: st
         run_config=ray.tune.RunConfig(
             name=settings.sweep_id,
             storage_path=settings.storage,
-            failure_config=ray.tune.FailureConfig(max_failures=0),
+            # A trial in its actor is Tune's to restart and checkpoint; a TorchTrainer restarts its own workers
+            failure_config=ray.tune.FailureConfig(max_failures=settings.max_failures if settings.in_trial_actor else 0),
+            checkpoint_config=ray.tune.CheckpointConfig(
+                num_to_keep=settings.checkpoints_to_keep,
+                checkpoint_score_attribute=settings.metric,
+                checkpoint_score_order=settings.mode,
+            ),
             verbose=1,
         ),
     )
@@ -199,7 +209,8 @@ def _trial_states(grid, sweep_dir: str) -> dict[str, tuple[str, dict[str, Any], 
 
     The status is the one Tune saved in the sweep's state, as ``--resume`` reads it: a trial still running when the
     sweep was interrupted is saved RUNNING (to train again), though Tune then ends it as TERMINATED in memory, the
-    status of a trial the scheduler stopped.
+    status of a trial the scheduler stopped. A trial Tune gave up on is ERROR whatever the saved state says: Tune may
+    save its state before the trial's last failure is processed (then RUNNING, to be retried).
     """
     from ray.tune import ExperimentAnalysis
 
@@ -207,7 +218,8 @@ def _trial_states(grid, sweep_dir: str) -> dict[str, tuple[str, dict[str, Any], 
     analysis = getattr(grid, "_experiment_analysis", None)
     tune_status = {t.config.get("trial"): t.status for t in getattr(analysis, "trials", [])}
     try:
-        tune_status.update({t.config.get("trial"): t.status for t in ExperimentAnalysis(sweep_dir).trials})
+        saved = {t.config.get("trial"): t.status for t in ExperimentAnalysis(sweep_dir).trials}
+        tune_status.update({name: s for name, s in saved.items() if tune_status.get(name) != "ERROR"})
     except Exception as exc:  # no saved state: keep the statuses in memory
         print(f"warning: could not read the sweep state in {sweep_dir} ({exc}); trial statuses as Tune ended them")
     for result in grid:
@@ -253,14 +265,20 @@ def _reconcile(tracker: SweepTracker, settings: SweepSettings, grid, names: list
 
 
 def _best_checkpoint(result, settings: SweepSettings) -> str | None:
+    """The URI of the trial's checkpoint of the best ``settings.metric``: one Tune kept (named by its folder in the
+    trial's), or one its Ray Train run did (by its path, as TuneReportCallback reported it)."""
     df = result.metrics_dataframe
-    if df is None or "checkpoint_path" not in df or settings.metric not in df:
+    column = "checkpoint_dir_name" if settings.in_trial_actor else "checkpoint_path"
+    if df is None or column not in df or settings.metric not in df:
         return None
-    rows = df[df["checkpoint_path"].notna()]
+    rows = df[df[column].notna()]
     if rows.empty:
         return None
-    best = rows[settings.metric].idxmin() if settings.mode == "min" else rows[settings.metric].idxmax()
-    return storage_uri(settings.storage, str(rows.loc[best, "checkpoint_path"]))
+    scores = rows[settings.metric]
+    best = str(rows.loc[scores.idxmin() if settings.mode == "min" else scores.idxmax(), column])
+    if settings.in_trial_actor:
+        return join_path(settings.storage, settings.sweep_id, str(result.config["trial"]), best)
+    return storage_uri(settings.storage, best)
 
 
 ENDED_WELL = ("finished", "diverged", "stopped")  # a diverged or stopped trial is a result, not an error

@@ -13,7 +13,7 @@ from gptcore.shards import Manifest
 from orchestrator.experiment import Experiment, Trial
 from orchestrator.plan import Plan, SweepOptions
 from orchestrator.provenance import file_docstring, git_commit, source_tags
-from orchestrator.settings import SweepSettings
+from orchestrator.settings import SweepSettings, trains_in_trial_actor
 from orchestrator.tracking import KIND_TAG, NOTE_TAG, SweepTracker, cluster_tracking_uri
 from orchestrator.trial_spec import TrialSpec, job_sections
 
@@ -70,6 +70,8 @@ def start_sweep_run(
         kind=experiment.kind,
         scheduler=experiment.scheduler_settings(),
         max_concurrent=plan.max_concurrent,
+        in_trial_actor=not experiment.is_decode
+        and trains_in_trial_actor(plan.workers, (t.job.train.parallel for t in plan.trials)),
     )
 
 

@@ -1,7 +1,8 @@
-"""A training sweep's Tune trial: one grid point's Ray Train run (`orchestrator.ray_trainer.ShardTrainer`), to its end.
+"""A training sweep's Tune trial: one grid point trained to its end, in the trial actor itself (`train_in_trial_actor`)
+or by a Ray Train run of its own (`run_trial`); `trainable` picks as the sweep's settings say.
 
-Runs in a Tune trial actor; module-level imports stay light (the actor unpickles this function).
-The trial's MLflow child run is created by the driver beforehand; workers log to it.
+Runs in a Tune trial actor; module-level imports stay light (the actor unpickles these functions).
+The trial's MLflow child run is created by the driver beforehand; the trial (or its workers) logs to it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,35 @@ if TYPE_CHECKING:
     from orchestrator.trial_spec import TrialSpec
 
 
+def trainable(specs: dict[str, TrialSpec], settings: SweepSettings):
+    """The sweep's Tune trainable, with its specs and the resources each trial asks for: a worker's, when the trial
+    trains in its actor (`orchestrator.settings.trains_in_trial_actor`); else next to none, its Train workers
+    holding the CPUs and GPUs."""
+    import ray.tune
+
+    if settings.in_trial_actor:
+        return ray.tune.with_resources(
+            ray.tune.with_parameters(train_in_trial_actor, specs=specs, settings=settings),
+            settings.worker_resources(),
+        )
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, specs=specs, settings=settings), {"memory": 1})
+
+
+def train_in_trial_actor(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
+    """Train the trial Tune's ``config`` names here, in the trial actor, from Tune's latest checkpoint of it (after
+    a failure, or when a sweep resumes); reports and checkpoints go to Tune."""
+    import ray.tune
+
+    from orchestrator.hooks import TuneReporter
+    from orchestrator.worker import train_trial
+
+    spec = specs[config["trial"]]
+    context = ray.tune.get_context()
+    train_trial(spec, settings.tracking_uri, context.get_trial_id(), TuneReporter(), ray.tune.get_checkpoint())
+
+
 def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
-    """Train the trial Tune's ``config`` names, on ``settings.workers`` Ray Train workers, to its end."""
+    """Train the trial Tune's ``config`` names on ``settings.workers`` Ray Train workers, to its end."""
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback

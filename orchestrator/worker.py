@@ -1,14 +1,22 @@
-"""The Ray Train per-worker entry point.
+"""A trial's training, as a Ray Train worker runs it (`train_loop_per_worker`) and as a trial actor does.
 
-Kept free of heavy imports at module level: Ray's controller actor unpickles this function by
-reference, and should not pay for importing MLflow and gptcore. After a worker failure Ray
-restarts the group and `ray.train.get_checkpoint()` resumes from the latest checkpoint.
+Kept free of heavy imports at module level: Ray's controller actor unpickles `train_loop_per_worker` by reference,
+and should not pay for importing MLflow and gptcore. After a failure, the worker group (or the trial actor) starts
+again and resumes from the latest checkpoint Ray has.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ray.train
+    import torch
+
+    from gptcore.hooks import Hooks
+    from orchestrator.trial_spec import TrialSpec
 
 
 def _quiet_report_logs() -> None:
@@ -21,48 +29,73 @@ def _quiet_report_logs() -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Run gptcore's `train` on this worker: the job of the trial's `TrialSpec` (``loop_config["spec"]``), logged
-    to the trial's MLflow run at ``loop_config["tracking_uri"]`` (see `orchestrator.trial.run_trial`)."""
+    """Run the trial's `TrialSpec` (``loop_config["spec"]``) on this Ray Train worker, logged to the trial's MLflow
+    run at ``loop_config["tracking_uri"]`` (see `orchestrator.trial.run_trial`)."""
     import ray.train
     import ray.train.torch
-    import torch
 
-    from gptcore.hooks import HookList, Hooks
-    from gptcore.train import train
-    from orchestrator.hooks import ConsoleProgress, MlflowLogging, RayReporter
-    from orchestrator.prepare import local_dataset
+    from orchestrator.hooks import TrainReporter
     from orchestrator.trial_spec import TrialSpec
 
     _quiet_report_logs()
     spec = TrialSpec.from_dict(loop_config["spec"])
-    job = spec.job
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    world_size = context.get_world_size()
     device = ray.train.torch.get_device()  # torch threads on CPU: the job's train.num_threads, set by the loop
-    hooks: list[Hooks] = []
-    if rank == 0:
-        hooks.append(ConsoleProgress(spec.name))
-        hooks.append(MlflowLogging(loop_config["tracking_uri"], spec.run_id, loop_config["ray_trial_id"]))
-    hooks.append(RayReporter())  # last: its final report ends the trial, after MLflow has its data
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=device)
 
     # DDP through Ray's prepare_model; FSDP2 is applied by gptcore itself (prepare_model's "fsdp" is FSDP1, which
     # needs CUDA), on the process group Ray Train set up (one rank included)
-    ddp = world_size > 1 and job.train.parallel == "ddp"
+    ddp = world_size > 1 and spec.job.train.parallel == "ddp"
+    train_trial(
+        spec,
+        loop_config["tracking_uri"],
+        loop_config["ray_trial_id"],
+        TrainReporter(),
+        ray.train.get_checkpoint(),
+        rank=context.get_world_rank(),
+        world_size=world_size,
+        device=device,
+        wrap_model=wrap if ddp else None,
+    )
 
+
+def train_trial(
+    spec: TrialSpec,
+    tracking_uri: str,
+    ray_trial_id: str,
+    reporter: Hooks,
+    checkpoint: ray.train.Checkpoint | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> None:
+    """Train ``spec``'s job on this rank from ``checkpoint`` (None: from its start): rank 0 prints its progress and
+    logs to the trial's MLflow run; every rank reports to Ray through ``reporter``."""
+    from gptcore.hooks import HookList
+    from gptcore.train import train
+    from orchestrator.hooks import ConsoleProgress, MlflowLogging
+    from orchestrator.prepare import local_dataset
+
+    hooks: list[Hooks] = []
+    if rank == 0:
+        hooks.append(ConsoleProgress(spec.name))
+        hooks.append(MlflowLogging(tracking_uri, spec.run_id, ray_trial_id))
+    hooks.append(reporter)  # last: its final report ends the trial, after MLflow has its data
     data_dir = local_dataset(spec.dataset) if spec.dataset else None
     with ExitStack() as stack:
-        checkpoint = ray.train.get_checkpoint()
         resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         train(
-            job,
+            spec.job,
             HookList(*hooks),
             resume_from=resume_from,
             rank=rank,
             world_size=world_size,
             device=device,
-            wrap_model=wrap if ddp else None,
+            wrap_model=wrap_model,
             data_dir=data_dir,
         )

@@ -87,13 +87,15 @@ def test_checkpoint_survives_a_writer_killed_mid_save(tmp_path, stage, step):
 
 @pytest.fixture(scope="module")
 def killed_worker_sweep(tmp_path_factory):
-    """One failure survived per trial (``max_failures=1``). Trial 000 has its Ray Train worker SIGKILLed after its
-    step-40 checkpoint and resumes; trial 001 (lr 1e6) diverges; trial 002 loses its worker at step 40 and again
-    once resumed, one failure too many: it fails, and so does the sweep."""
+    """One failure survived per trial (``max_failures=1``). Trial 000 has the process training it (its trial actor:
+    one worker) SIGKILLed after its step-40 checkpoint and resumes; trial 001 (lr 1e6) diverges; trial 002 loses its
+    process at step 40 and again once resumed, one failure too many: it fails, and so does the sweep."""
     work = tmp_path_factory.mktemp("killed_worker")
-    write_experiment(work, steps=120, every=20, grid='{"train.lr": grid(4e-4, 1e6, 3e-4)}', max_failures=1)
+    # d_model 128: a trial is still near the step a kill was aimed at when its output reaches the driver, late on a
+    # busy machine (at width 64 trial 002 was once killed at step 80 rather than 40)
+    write_experiment(work, steps=120, every=20, grid='{"train.lr": grid(4e-4, 1e6, 3e-4)}', max_failures=1, d_model=128)
     cli = Cli(["run", "faults.py"], work)
-    worker = r"RayTrainWorker pid=(\d+)\)\S*\s+"
+    worker = r"\(\w+ pid=(\d+)\)\S*\s+"  # Ray's prefix on the output of the process training the trial
     try:
         victim = kill_worker(cli, cli.wait_for(worker + r"\[000_lr=0.0004\] step 40/120"))
         resumed = int(cli.wait_for(r"\[000_lr=0.0004\] .*resumed from step (\d+)").group(1))
@@ -108,9 +110,9 @@ def killed_worker_sweep(tmp_path_factory):
 
 
 def kill_worker(cli: Cli, match: re.Match) -> psutil.Process:
-    """SIGKILL the Ray Train worker whose pid ``match`` captured (a process the CLI started)."""
+    """SIGKILL the Ray worker process whose pid ``match`` captured (a process the CLI started)."""
     victim = psutil.Process(int(match.group(1)))
-    assert "RayTrainWorker" in " ".join(victim.cmdline())
+    assert "ray::" in " ".join(victim.cmdline())
     assert victim in psutil.Process(cli.proc.pid).children(recursive=True)
     time.sleep(0.5)
     victim.send_signal(signal.SIGKILL)
@@ -198,7 +200,7 @@ def test_a_trial_that_keeps_failing_fails_the_sweep_and_the_report_shows_it(kill
     assert "failed" in results_row(out, "002_lr=0.0003") and "finished" in results_row(out, "000_lr=0.0004")
     run = children(client)["002_lr=0.0003"]
     assert run.data.tags["orchestrator.status"] == "failed" and run.info.status == "FAILED"
-    assert re.search(r"\[002_lr=0.0003\] .*resumed from step [24]0", out)  # it did resume once, then died again
+    assert re.search(r"\[002_lr=0.0003\] .*resumed from step [2468]0", out)  # it did resume once, then died again
     exp = client.get_experiment_by_name("faults")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
     assert parent.data.tags["orchestrator.status"] == "failed" and parent.info.status == "FAILED"
