@@ -4,7 +4,8 @@ All real processes on 127.0.0.1 (tests/servers.py): moto's S3 server, ``mlflow s
 second node joined with ``ray start --address``, 1 CPU each, token authentication. The sweep's single trial has 2
 Ray Train workers of 1 CPU, so they must run on different nodes and train together (gloo DDP). Once Ray has
 registered the first checkpoint in the bucket, the worker on the second node is SIGKILLed: Ray Train restarts the
-worker group, which resumes from that checkpoint, read back from S3.
+worker group, which resumes from that checkpoint, read back from S3. Then the same study on one worker, which trains
+in its Tune trial actor, to the same bucket and server.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ EXPERIMENT = Experiment(
     grid={"data.stride": grid(32)},
 )
 """
+# The same study on one worker: trained in its Tune trial actor, no Ray Train (`trains_in_trial_actor`)
+IN_ACTOR_EXPERIMENT = EXPERIMENT.replace('"scale_out"', '"scale_out_in_actor"').replace('"epochs": 3', '"epochs": 1')
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ScaleOut:
     worker_nodes: list[str]  # the node of each Ray Train worker, seen when one was killed
     killed_node: str
     actors: set[str]  # the kinds of Ray actor alive then (ray::TrainController, ...)
+    in_actor: subprocess.CompletedProcess  # then a one-worker sweep of the same study, to the same bucket and server
 
 
 def _registered_checkpoint(fs: pafs.FileSystem) -> bool:
@@ -136,12 +140,24 @@ def scale_out(tmp_path_factory):
         stdout, stderr = (work / "run.out").read_text(), (work / "run.err").read_text()
         if sweep.returncode != 0:
             print(stdout[-5000:], stderr[-5000:])
-        yield ScaleOut(work, sweep.returncode, stdout, stderr, tracking_uri, endpoint, worker_nodes, killed, actors)
+        (work / "scale_out_in_actor.py").write_text(IN_ACTOR_EXPERIMENT)
+        args = ["run", "scale_out_in_actor.py", "--address", cluster.address, "--storage", f"s3://{BUCKET}/sweeps"]
+        in_actor = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args, "--tracking-uri", tracking_uri, "--cpus-per-worker", "1"],
+            cwd=work,
+            env={**os.environ, **cluster.env, "GPTCORE_CACHE_DIR": str(work / "cache")},
+            capture_output=True,
+            text=True,
+            timeout=2 * PATIENCE_S,
+        )
+        yield ScaleOut(
+            work, sweep.returncode, stdout, stderr, tracking_uri, endpoint, worker_nodes, killed, actors, in_actor
+        )
 
 
-def runs(result: ScaleOut):
+def runs(result: ScaleOut, experiment: str = "scale_out"):
     client = MlflowClient(result.tracking_uri)
-    exp = client.get_experiment_by_name("scale_out")
+    exp = client.get_experiment_by_name(experiment)
     (parent,) = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'sweep'")
     (child,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return client, parent, child
@@ -262,3 +278,28 @@ def test_storage_uri_with_endpoint_in_the_query(scale_out, monkeypatch, tmp_path
     assert storage_uri(storage, best) == f"s3://{best}{query}"
     local = local_copy(storage_uri(storage, best), tmp_path)
     assert (local / "model.safetensors").is_file()
+
+
+def test_a_trial_in_its_actor_keeps_its_checkpoints_in_the_bucket(scale_out, tmp_path):
+    """A one-worker trial on the cluster trains in its Tune trial actor: Tune copies its checkpoints into the bucket,
+    and the best one, named by its URI in the trial's MLflow run, loads and generates."""
+    from gptcore.checkpoint import load_model
+    from gptcore.sampling import generate_text
+    from orchestrator.resume import find_sweep
+    from orchestrator.storage import local_copy
+
+    proc = scale_out.in_actor
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "36 steps (36/epoch), 144 train / 16 val windows, 1 worker(s) on cpu" in proc.stdout
+    client, parent, child = runs(scale_out, "scale_out_in_actor")
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 37))
+    storage = f"s3://{BUCKET}/sweeps"
+    sweep_id = find_sweep(storage, "scale_out_in_actor", "latest")
+    best = child.data.tags["best_checkpoint"]
+    assert best.startswith(f"{storage}/{sweep_id}/000_stride=32/checkpoint_"), best
+    fs, _ = pafs.FileSystem.from_uri(storage)
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/{sweep_id}", recursive=True))]
+    assert f"{best.removeprefix('s3://')}/model.safetensors" in files
+    model, _ = load_model(local_copy(best, tmp_path))
+    assert generate_text(model, "Every effort moves you", 4)[0].startswith("Every effort moves you")
