@@ -27,8 +27,8 @@ Per-trial overhead is (sweep wall - plain wall) / trials; walls include interpre
 
     flock /tmp/ray.lock python benchmarks/bench_orchestration.py [--quick] [--main] [--before REF] [--keep DIR]
 
-``--quick``: the micro sweep with 2 trials. ``--keep DIR``: each side's time-stamped output (``t<TAB>line``) is
-written to DIR.
+``--quick``: the micro sweep with 2 trials. ``--keep DIR``: each side's time-stamped output (``t<TAB>line``) and
+its MLflow store (``<job>-<side>-mlruns.db``) are written to DIR.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,6 +354,8 @@ def run_job(job: Job, before: str, keep: Path | None) -> tuple[bool | None, dict
                 keep.mkdir(parents=True, exist_ok=True)
                 log = "\n".join(f"{t:.3f}\t{line}" for t, line in results[side]["lines"])
                 (keep / f"{job.name.replace(' ', '_')}-{side}.log").write_text(log + "\n")
+                if (work / "mlruns.db").is_file():  # to compare the sides' logged losses
+                    shutil.copy(work / "mlruns.db", keep / f"{job.name.replace(' ', '_')}-{side}-mlruns.db")
         met = report(job, plain, results, labels)
     walls = {side: r["wall_s"] for side, r in results.items() if r["exit"] == 0}
     failed = [side for side, r in results.items() if r["exit"] != 0]
