@@ -150,10 +150,11 @@ def _tuner(specs: dict[str, TrialSpec], settings: SweepSettings, sweep_dir: str,
     """The Tuner of the sweep: restored from ``sweep_dir`` when resuming one Tune saved, else new."""
     import ray.tune
 
-    # Tune restores a trial from the latest checkpoint its saved state names, and saves that state every 10 s or
-    # more ("auto"): a driver killed in between would resume trials from an older checkpoint (or from scratch),
-    # one that Tune may even have deleted since. The state of a sweep is a few kB.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if settings.in_trial_actor:
+        # Tune restores such a trial from the latest checkpoint its saved state names, and saves that state every
+        # 10 s or more ("auto"): a driver killed in between would resume trials from an older checkpoint (or from
+        # scratch), one that Tune may even have deleted since. (A TorchTrainer saves its own at every report.)
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     # inference in the Tune trial itself
     trainable = decode_trainable(specs, settings) if is_decode(settings.kind) else trial_trainable(specs, settings)
     if options.resume and ray.tune.Tuner.can_restore(sweep_dir):
