@@ -32,13 +32,17 @@ def train_in_trial_actor(config: dict[str, Any], specs: dict[str, TrialSpec], se
     """Train the trial Tune's ``config`` names here, in the trial actor, from Tune's latest checkpoint of it (after
     a failure, or when a sweep resumes); reports and checkpoints go to Tune."""
     import ray.tune
+    import torch
 
     from orchestrator.hooks import TuneReporter
     from orchestrator.worker import train_trial
 
     spec = specs[config["trial"]]
-    context = ray.tune.get_context()
-    train_trial(spec, settings.tracking_uri, context.get_trial_id(), TuneReporter(), ray.tune.get_checkpoint())
+    trial_id = ray.tune.get_context().get_trial_id()
+    # the GPU Ray gave this actor (the only one it sees), else the CPU, whatever else the machine has: as a Ray
+    # Train worker's device is
+    device = torch.device("cuda" if settings.use_gpu else "cpu")
+    train_trial(spec, settings.tracking_uri, trial_id, TuneReporter(), ray.tune.get_checkpoint(), device=device)
 
 
 def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
