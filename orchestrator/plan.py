@@ -7,6 +7,7 @@ trial's model; a decode sweep's checkpoints are `orchestrator.decode_plan`'s.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,13 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     ]
     if plan.experiment.scheduler:
         lines.append(f"scheduler: {plan.experiment.scheduler}")
+    if not (options.address or os.environ.get("RAY_ADDRESS")):
+        have, misfits = memory_misfits(plan)
+        if misfits:
+            needs = ", ".join(f"{name} needs {need:.1f} GiB" for name, need in misfits.items())
+            lines.append(f"memory: {have}; does not fit: {needs}; {MEMORY_FIX}")
+        elif have:
+            lines.append(f"memory: {have}; every trial fits")
     keys = list(plan.experiment.grid)
     if plan.experiment.is_decode:
         header, rows = decode_rows(plan.trials, keys)
@@ -163,7 +171,6 @@ def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], l
     """Per trial: its grid values, model, length, and what it costs: parameters, the tokens it trains on and their
     training FLOPs (`gptcore.accounting`), and its peak memory per worker (`gptcore.memory`, live tensors); a length
     that depends on a corpus not prepared yet is said to."""
-    device_type = "cuda" if plan.use_gpu is True else "cpu"
     rows = []
     for trial in plan.trials:
         job = trial.job
@@ -179,15 +186,74 @@ def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], l
         elif windows is None:
             steps_total, tokens, flops = "?", "after preparation", "?"
         else:
-            length = run_length(job, windows, plan.workers)
+            try:
+                length = run_length(job, windows, plan.workers)
+            except ValueError as exc:  # as the run refuses it (`check_data`)
+                raise ExperimentError(f"trial {trial.name}: {exc}") from None
             steps_total, tokens = str(length.total_steps), _si(length.tokens)
             flops = f"{training_flops(job.model, length.tokens):.2e}"
         params = _si(param_count(job.model).total)
-        memory = peak_memory(job, plan.workers, device_type, native_bf16=_native_bf16(device_type)).total
-        row = [model, params, steps, steps_total, tokens, flops, f"{memory / 2**30:.2f} GiB"]
+        row = [model, params, steps, steps_total, tokens, flops, f"{worker_memory(plan, job) / 2**30:.2f} GiB"]
         rows.append([trial.name, *[str(trial.params[k]) for k in keys], *row])
     header = ["model", "params", "length", "steps", "tokens", "FLOPs", "memory/worker"]
     return ["trial", *keys, *header], rows
+
+
+def worker_memory(plan: Plan, job: JobConfig) -> int:
+    """Bytes one worker of ``job`` holds at its peak (`gptcore.memory`: live tensors), on the plan's device."""
+    device_type = _device_type(plan)
+    return peak_memory(job, plan.workers, device_type, native_bf16=_native_bf16(device_type)).total
+
+
+def _device_type(plan: Plan) -> str:
+    return "cuda" if plan.use_gpu is True else "cpu"
+
+
+MEMORY_FIX = (
+    "lower train.batch_size (raise train.grad_accum_steps to keep the batch), set train.activation_checkpointing=true "
+    "or pick a smaller model, or run on a cluster with --address"
+)
+
+
+def memory_misfits(plan: Plan) -> tuple[str, dict[str, float]]:
+    """What a local Ray has for a trial's workers, said ("this machine has 23.6 GiB"; on GPUs, one per worker), and
+    the GiB each training trial needs that does not fit it (none for a decode sweep)."""
+    import psutil
+
+    if plan.experiment.is_decode:
+        return "", {}
+    gpu = _device_type(plan) == "cuda"
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "", {}  # refused as such (`orchestrator.cluster.check_local_gpu`)
+        have, where = torch.cuda.get_device_properties(0).total_memory, "each GPU of this machine"
+    else:
+        have, where = psutil.virtual_memory().total, "this machine"
+    misfits = {}
+    for trial in plan.trials:
+        need = worker_memory(plan, trial.job) * (1 if gpu else plan.workers)  # a local Ray runs every worker here
+        if need > have:
+            misfits[trial.name] = need / 2**30
+    return f"{where} has {have / 2**30:.1f} GiB", misfits
+
+
+def check_memory(plan: Plan, address: str | None) -> None:
+    """Before a local Ray starts: a trial whose peak memory (the estimate of its live tensors, a lower bound of what
+    the process takes) exceeds this machine's would die mid-run, so it is refused, naming what to change. The
+    nodes of a cluster (``address``) are not known here."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    have, misfits = memory_misfits(plan)
+    if misfits:
+        name, need = next(iter(misfits.items()))
+        job = next(t.job for t in plan.trials if t.name == name)
+        raise SweepError(
+            f"trial {name} needs {need:.1f} GiB of memory at its peak ({plan.workers} worker(s): weights, gradients, "
+            f"AdamW state and the activations of {job.train.batch_size} x {job.model.context_length} tokens) but "
+            f"{have}; {MEMORY_FIX}"
+        )
 
 
 def _native_bf16(device_type: str) -> bool:
@@ -225,18 +291,21 @@ def _si(count: float) -> str:
     return f"{count:g}"
 
 
-def check_data(trials: list[Trial]) -> None:
+def check_data(trials: list[Trial], workers: int = 1) -> None:
     """Before anything starts or is written: each trial's corpus resolved and checked; a small corpus tokenized
-    (into the local cache) and both its splits checked to hold a window."""
+    (into the local cache), both its splits checked to hold a window and its train split a batch of ``workers``."""
     staged: dict[str, Manifest | None] = {}
     for trial in trials:
+        job = trial.job
         try:
-            plan = plan_corpus(trial.job.data)
+            plan = plan_corpus(job.data)
             if plan.key not in staged:
                 folder = stage_locally(plan)
                 staged[plan.key] = read_manifest(folder) if folder else None
-            if staged[plan.key] is not None:
-                check_windows(trial.job, staged[plan.key])
+            manifest = staged[plan.key]
+            if manifest is not None:
+                check_windows(job, manifest)
+                run_length(job, window_count(manifest.tokens("train"), job.model.context_length, job.stride), workers)
         except ValueError as exc:
             raise ExperimentError(f"trial {trial.name}: {exc}") from None
 

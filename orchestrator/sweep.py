@@ -27,7 +27,15 @@ from orchestrator.decode_plan import resolve_checkpoints
 from orchestrator.decode_trial import decode_trainable
 from orchestrator.decoding import is_decode
 from orchestrator.experiment import ASHA, Experiment
-from orchestrator.plan import Plan, SweepOptions, check_data, make_plan, prepare_data, resolve_init
+from orchestrator.plan import (
+    Plan,
+    SweepOptions,
+    check_data,
+    check_memory,
+    make_plan,
+    prepare_data,
+    resolve_init,
+)
 from orchestrator.resume import find_sweep, read_sweep, refuse_changes_on_resume, write_sweep
 from orchestrator.settings import SweepSettings
 from orchestrator.storage import absolute_storage, storage_uri
@@ -126,9 +134,10 @@ def _open(
     if experiment.is_decode:
         plan.trials = resolve_checkpoints(plan.trials, uri)
     else:
-        check_data(plan.trials)
+        check_data(plan.trials, plan.workers)
         plan.trials = resolve_init(plan.trials)
     check_local_gpu(plan.use_gpu, options.address, wait_for_resources)
+    check_memory(plan, options.address)
     sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
     connect_ray(options.address)

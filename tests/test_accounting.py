@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import psutil
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -109,6 +110,24 @@ def test_the_dry_run_says_what_each_trial_costs(capsys):
             f"{training_flops(dataclasses.replace(config, context_length=256), tokens):.2e}",
         ]
         assert row[-2:] == [f"{peak_memory(job, 1, native_bf16=native_bf16).total / 2**30:.2f}", "GiB"]
+    have = psutil.virtual_memory().total / 2**30
+    assert f"memory: this machine has {have:.1f} GiB; every trial fits" in lines
+
+
+def test_the_dry_run_says_which_trials_do_not_fit_this_machine(capsys):
+    """A local run's trials are sized against this machine: one that needs more memory is named, with the fix."""
+    from orchestrator.cli import main
+
+    from .conftest import REPO
+
+    wide = ["--set", "model.d_model=1000000", "--set", "model.n_heads=1"]  # 10^11 parameters: 1.5 TiB to train
+    argv = ["run", str(REPO / "experiments" / "stride_sweep.py"), "--dry-run", *wide]
+    assert main(argv) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory: ")]
+    assert "does not fit: 000_stride=256 needs " in line and ", 001_stride=128 needs " in line
+    assert "lower train.batch_size" in line and "--address" in line
+    assert main([*argv, "--address", "127.0.0.1:6379"]) == 0  # a cluster's nodes are not this machine
+    assert "memory: " not in capsys.readouterr().out
 
 
 def test_a_flops_budget_sets_the_run_and_its_schedule():

@@ -283,6 +283,23 @@ def test_use_gpu_on_a_cluster_without_gpus(monkeypatch):
     check_local_gpu(True, None, wait_for_resources=True)
 
 
+def test_a_trial_that_does_not_fit_this_machines_memory(work, capsys):
+    """A local run whose trial needs more memory at its peak than this machine has (its estimate of live tensors:
+    gptcore.memory) is refused before Ray starts, naming the trial, both figures and what to change."""
+    wide = ["--set", "model.d_model=1000000", "--set", "model.n_heads=1"]  # 10^11 parameters: 1.5 TiB to train
+    line = refused(capsys, work, ["run", "exp.py", *wide], "trial 000_lr=0.001 needs ")
+    assert "GiB of memory at its peak" in line and "but this machine has " in line
+    assert "lower train.batch_size" in line and "train.activation_checkpointing=true" in line
+
+
+def test_a_batch_larger_than_the_train_split(work, capsys):
+    """A batch the train split cannot fill is refused before Ray starts (the loop would refuse it on the worker), and
+    the dry run says the same."""
+    argv = ["run", "exp.py", "--set", "train.batch_size=100000"]
+    refused(capsys, work, argv, "trial 000_lr=0.001:", "fewer than train.batch_size=100000", "lower train.batch_size")
+    refused(capsys, work, [*argv, "--dry-run"], "trial 000_lr=0.001:", "fewer than train.batch_size=100000")
+
+
 def test_more_cpus_per_worker_than_any_node_has(monkeypatch):
     """A worker that no node can hold would wait forever: refused with the fix, unless --wait-for-resources."""
     import ray
