@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import subprocess
@@ -267,10 +268,13 @@ def _experiment_name(name_or_file: str) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
+    from orchestrator.results import ReportError
     from orchestrator.tracking import resolve_tracking_uri
 
+    if args.predict_flops is not None and not (math.isfinite(args.predict_flops) and args.predict_flops > 0):
+        raise ReportError(f"--predict-flops {args.predict_flops} is not a positive FLOP count; pass e.g. 1e21")
     uri = resolve_tracking_uri(args.tracking_uri)
-    report = write_report(uri, _experiment_name(args.experiment), args.sweep, args.out)
+    report = write_report(uri, _experiment_name(args.experiment), args.sweep, args.out, args.predict_flops)
     print(f"Sweep {report['sweep']} ({report['ranking']}):\n{report['table']}")
     if args.out:
         written = ", ".join(["results.md", "results.csv", *(report["scaling"].files if report["scaling"] else [])])
@@ -396,6 +400,9 @@ def _add_report(verbs: argparse._SubParsersAction) -> None:
     report.add_argument("--sweep", help="sweep id (default: the latest)")
     report.add_argument("--tracking-uri", help="default: SQLite file ./mlruns.db")
     report.add_argument("--out", help="also write the table and plots to this folder")
+    report.add_argument(
+        "--predict-flops", type=float, metavar="C", help="a scaling ladder: also the best N, D and loss for C FLOPs"
+    )
     report.set_defaults(func=cmd_report)
 
 

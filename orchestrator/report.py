@@ -27,7 +27,7 @@ from orchestrator.results import (
     metric_history,
     trial_results,
 )
-from orchestrator.scaling_report import scaling_report
+from orchestrator.scaling_report import is_ladder, scaling_report
 from orchestrator.tracking import SWEEP_TAG, TRIAL_TAG, client_for
 
 
@@ -180,16 +180,27 @@ def log_trial_curve(tracking_uri: str, run_id: str) -> None:
 
 
 def write_report(
-    tracking_uri: str, experiment: str, sweep_id: str | None = None, out_dir: str | Path | None = None
+    tracking_uri: str,
+    experiment: str,
+    sweep_id: str | None = None,
+    out_dir: str | Path | None = None,
+    predict_flops: float | None = None,
 ) -> dict[str, Any]:
-    """Build the table and plots of a sweep (and a scaling ladder's fits: `orchestrator.scaling_report`), save them
-    (to ``out_dir`` if given) and log them to its parent run."""
+    """Build the table and plots of a sweep (and a scaling ladder's fits: `orchestrator.scaling_report`, with the
+    law's allocation for ``predict_flops`` FLOPs), save them (to ``out_dir`` if given) and log them to its parent
+    run."""
     client = client_for(tracking_uri)
     parent = find_parent_run(client, experiment, sweep_id)
     sweep = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
     results = trial_results(client, parent.info.run_id)
     if not results:
         raise ReportError(f"sweep {sweep} has no trial runs yet")
+    if predict_flops is not None and not is_ladder(results):
+        raise ReportError(
+            f"sweep {sweep} is not a scaling ladder (no finished trial with a train.flops_budget grid value), so "
+            "there is no law to predict with; leave --predict-flops out, or report a ladder "
+            "(experiments/scaling_ladder.py)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -204,7 +215,7 @@ def write_report(
         if is_decode_sweep(results):
             plots = [plot_diversity_vs_perplexity(results, folder / "diversity_vs_perplexity.png", sweep)]
         else:
-            scaling = scaling_report(results, folder)  # None unless the sweep is a scaling ladder
+            scaling = scaling_report(results, folder, predict_flops)  # None unless the sweep is a scaling ladder
             plots = [
                 plot_val_vs_tokens(results, folder / "val_loss_vs_tokens.png", f"{sweep}: validation loss"),
                 plot_train_vs_val(results, folder / "train_vs_val.png", f"{sweep}: train vs validation loss"),

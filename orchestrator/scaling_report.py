@@ -20,7 +20,15 @@ import numpy as np
 
 from orchestrator.results import TrialResult
 from orchestrator.scaling_fit import describe
-from orchestrator.scaling_law import IsoFlopFit, ParametricFit, Points, ScalingFitError, fit_isoflop, fit_parametric
+from orchestrator.scaling_law import (
+    Allocation,
+    IsoFlopFit,
+    ParametricFit,
+    Points,
+    ScalingFitError,
+    fit_isoflop,
+    fit_parametric,
+)
 
 BUDGET_AXIS = "train.flops_budget"  # the grid axis that makes a sweep a ladder (result.params holds grid values)
 METRIC_PREFIX = "scaling."  # the parent run's metrics of the Approach-3 law: scaling.E, scaling.alpha, ...
@@ -37,6 +45,7 @@ class ScalingReport:
     parametric: ParametricFit | None
     isoflop: IsoFlopFit | None
     why_not: dict[str, str] = field(default_factory=dict)  # "parametric" / "isoflop" -> why that fit was not made
+    predict: Allocation | None = None  # the law's allocation for a FLOP budget the user named
     files: tuple[str, ...] = FILES
 
     def metrics(self) -> dict[str, float]:
@@ -53,14 +62,19 @@ def is_ladder(results: list[TrialResult]) -> bool:
     return bool(finished) and all(BUDGET_AXIS in r.params for r in finished)
 
 
-def scaling_report(results: list[TrialResult], folder: Path) -> ScalingReport | None:
-    """Fit the ladder's points both ways and write `FILES` to ``folder``; None (and no files) for another sweep."""
+def scaling_report(
+    results: list[TrialResult], folder: Path, predict_flops: float | None = None
+) -> ScalingReport | None:
+    """Fit the ladder's points both ways and write `FILES` to ``folder``; None (and no files) for another sweep.
+    ``predict_flops``: also the compute-optimal N, D and the loss the fitted law predicts for that budget."""
     if not is_ladder(results):
         return None
     finished = [r for r in results if r.status == "finished"]
     trials = [r for r in finished if _point(r) is not None]
     points = Points(*np.array([_point(r) for r in trials], dtype=float).reshape(-1, 4).T)
     report = ScalingReport(folder, trials, points, *_fits(points))
+    if predict_flops is not None and report.parametric:
+        report.predict = report.parametric.allocation(predict_flops)
     left_out = [r.name for r in finished if _point(r) is None]
     (folder / "scaling.json").write_text(json.dumps(_as_json(report), indent=2) + "\n")
     (folder / "scaling.txt").write_text(_as_text(report, left_out) + "\n")
@@ -98,6 +112,7 @@ def _as_json(report: ScalingReport) -> dict:
     return {
         "parametric": report.parametric.to_dict() if report.parametric else report.why_not["parametric"],
         "isoflop": report.isoflop.to_dict() if report.isoflop else report.why_not["isoflop"],
+        **({"predict": report.predict.to_dict()} if report.predict else {}),
         "points": [{"trial": r.name, "params": n, "tokens": d, "loss": loss, "flops": c} for r, n, d, loss, c in rows],
     }
 
@@ -109,7 +124,7 @@ def _as_text(report: ScalingReport, left_out: list[str]) -> str:
     if left_out:
         lines.append(f"  left out (no params_total, tokens_seen or final val loss): {', '.join(left_out)}")
     fit = report.parametric or report.why_not["parametric"]
-    return "\n".join([*lines, describe(fit, report.isoflop, report.why_not.get("isoflop", ""), None)])
+    return "\n".join([*lines, describe(fit, report.isoflop, report.why_not.get("isoflop", ""), report.predict)])
 
 
 # --------------------------------------------------------------------------- plots
@@ -137,6 +152,8 @@ def plot_loss_vs_params(report: ScalingReport, path: Path) -> Path:
 def plot_frontier(report: ScalingReport, path: Path) -> Path:
     """N_opt against C on log-log axes: Approach 2's per-budget minima and both approaches' fitted N_opt(C)."""
     budgets = np.unique(report.points.flops)
+    if report.predict:  # the line reaches the budget asked about
+        budgets = np.append(budgets, report.predict.flops)
     span = np.geomspace(budgets.min() / 2, budgets.max() * 2, 50) if len(budgets) else np.array([])
     fig, ax = plt.subplots(figsize=(8, 5))
     if report.isoflop:
@@ -149,6 +166,10 @@ def plot_frontier(report: ScalingReport, path: Path) -> Path:
     if report.parametric:
         line = [report.parametric.allocation(float(c)).params for c in span]
         ax.plot(span, line, "--", color="C1", label=f"Approach 3: N_opt ∝ C^{report.parametric.a:.3f}")
+    if report.predict:
+        p = report.predict
+        label = f"C = {p.flops:.3g}: N = {p.params:.3g}, D = {p.tokens:.3g}, loss {p.loss:.3f}"
+        ax.scatter([p.flops], [p.params], marker="*", s=200, color="C3", zorder=4, label=label)
     ax.set(xscale="log", yscale="log", xlabel="FLOP budget C", ylabel="compute-optimal parameters N_opt")
     ax.set_title("compute-optimal model size" + ("" if report.isoflop or report.parametric else ": no fit"))
     ax.grid(alpha=0.3, which="both")

@@ -17,6 +17,7 @@ from orchestrator.scaling_report import scaling_report
 LAW = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
 SIZES = (2e6, 5e6, 1.2e7, 3e7)  # around N_opt of every budget, so each budget's loss has a minimum inside them
 BUDGETS = (1e15, 3e15, 1e16)
+PREDICT_FLOPS = 3e17  # a budget the user names, beyond the ladder's
 FILES = ("scaling.json", "scaling.txt", "loss_vs_params.png", "frontier.png")
 
 
@@ -47,7 +48,9 @@ def ladder(sizes=SIZES, budgets=BUDGETS, noise: float = 1e-3) -> list[TrialResul
 
 
 def test_a_ladder_report_finds_the_law_and_plots_it(tmp_path):
-    report = scaling_report(ladder(), tmp_path)
+    """Both fits find the law; asked for a budget beyond the ladder's (``report --predict-flops``), the report gives
+    the fitted law's compute-optimal N, D and loss there, near the true law's, in its files and on the frontier."""
+    report = scaling_report(ladder(), tmp_path, predict_flops=PREDICT_FLOPS)
 
     fits = json.loads((tmp_path / "scaling.json").read_text())
     law = fits["parametric"]
@@ -65,6 +68,13 @@ def test_a_ladder_report_finds_the_law_and_plots_it(tmp_path):
     assert report.files == FILES
     assert set(report.metrics()) == {f"scaling.{k}" for k in ("E", "A", "B", "alpha", "beta", "a", "b")}
     assert report.metrics()["scaling.alpha"] == law["alpha"]
+    predict = fits["predict"]
+    assert predict == report.parametric.allocation(PREDICT_FLOPS).to_dict()
+    g = (LAW["alpha"] * LAW["A"] / (LAW["beta"] * LAW["B"])) ** (1 / (LAW["alpha"] + LAW["beta"]))
+    true_params = g * (PREDICT_FLOPS / 6) ** exponent  # Hoffmann et al.'s eq. 4 on the true law
+    assert predict["params"] == pytest.approx(true_params, rel=0.5)  # 30x beyond the largest budget
+    assert predict["loss"] == pytest.approx(law_loss(true_params, PREDICT_FLOPS / (6 * true_params)), rel=0.02)
+    assert f"at C = {PREDICT_FLOPS:.3g} FLOPs: N_opt = {predict['params']:.3g} params" in text
 
 
 def test_a_sweep_without_flop_budgets_has_no_scaling_report(tmp_path):
@@ -122,3 +132,25 @@ def test_the_sweep_report_logs_a_ladders_fit_to_its_parent_run(tmp_path):
     metrics = tracker.client.get_run(parent).data.metrics
     assert metrics["scaling.alpha"] == pytest.approx(report["scaling"].parametric.alpha)
     assert {f"scaling.{k}" for k in ("E", "A", "B", "alpha", "beta", "a", "b")} <= set(metrics)
+
+
+def test_predict_flops_needs_a_ladder_and_a_positive_budget(tmp_path, capsys):
+    """``report --predict-flops`` on a sweep that is no ladder, or with a budget that is no positive number: one
+    error line each, exit 2."""
+    from mlflow.entities import Metric
+
+    from orchestrator.cli import main
+    from orchestrator.tracking import SweepTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracker = SweepTracker(uri, "grid")
+    parent = tracker.parent_run("sweep1", params={}, tags={})
+    run_id = tracker.child_run(parent, "sweep1", "000_lr=0.001", params={"grid.train.lr": "0.001"}, tags={})
+    tracker.client.log_batch(run_id, metrics=[Metric("val_loss", 5.0, 0, 10)])
+    tracker.finish(run_id, "finished")
+    capsys.readouterr()  # MLflow's lines on creating its tables
+    refusals = (("-1", "--predict-flops -1.0 is not a positive FLOP count"), ("1e21", "not a scaling ladder"))
+    for value, needle in refusals:
+        assert main(["report", "grid", "--tracking-uri", uri, "--predict-flops", value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("error: ") and needle in err, err
