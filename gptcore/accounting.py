@@ -73,8 +73,7 @@ class RunLength:
 
 def step_flops(job: JobConfig, world_size: int = 1) -> float:
     """The training FLOPs of one full optimizer step: every worker's micro-batches of windows."""
-    t = job.train
-    return training_flops(job.model, t.batch_size * t.grad_accum_steps * world_size * job.model.context_length)
+    return training_flops(job.model, job.train.windows_per_step(world_size) * job.model.context_length)
 
 
 def budget_steps(job: JobConfig, world_size: int = 1) -> int | None:
@@ -86,9 +85,9 @@ def budget_steps(job: JobConfig, world_size: int = 1) -> int | None:
 def run_length(job: JobConfig, train_windows: int, world_size: int = 1) -> RunLength:
     """The length of ``job`` on a train split of ``train_windows`` windows, on ``world_size`` workers.
 
-    Every worker reads ``train.batch_size`` windows per micro-batch; an optimizer step takes ``train.grad_accum_steps``
-    micro-batches, fewer at an epoch's end; the run ends after ``train.epochs``, ``train.max_steps`` or the steps
-    ``train.flops_budget`` buys, whichever comes first.
+    Every worker reads ``train.batch_size`` windows per micro-batch; an optimizer step takes
+    ``train.accumulation_steps(world_size)`` micro-batches, fewer at an epoch's end; the run ends after
+    ``train.epochs``, ``train.max_steps`` or the steps ``train.flops_budget`` buys, whichever comes first.
     """
     t = job.train
     global_batch = t.batch_size * world_size
@@ -98,7 +97,8 @@ def run_length(job: JobConfig, train_windows: int, world_size: int = 1) -> RunLe
             f"the train split has {train_windows} windows, fewer than train.batch_size={t.batch_size} x "
             f"{world_size} worker(s); lower train.batch_size or data.stride, or use a larger corpus"
         )
-    steps_per_epoch = math.ceil(batches / t.grad_accum_steps)
+    accumulation = t.accumulation_steps(world_size)
+    steps_per_epoch = math.ceil(batches / accumulation)
     limits = [t.epochs * steps_per_epoch, *([t.max_steps] if t.max_steps else [])]
     bought = budget_steps(job, world_size)
     if bought == 0:
@@ -109,5 +109,5 @@ def run_length(job: JobConfig, train_windows: int, world_size: int = 1) -> RunLe
         )
     total_steps = min(limits + ([bought] if bought is not None else []))
     epochs, steps_left = divmod(total_steps, steps_per_epoch)
-    micro_batches = epochs * batches + min(steps_left * t.grad_accum_steps, batches)
+    micro_batches = epochs * batches + min(steps_left * accumulation, batches)
     return RunLength(batches, steps_per_epoch, total_steps, micro_batches * global_batch * job.model.context_length)

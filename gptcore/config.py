@@ -223,8 +223,12 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, evaluation, sampling and checkpoint cadence."""
 
-    batch_size: int = 8
-    grad_accum_steps: int = 1
+    batch_size: int = 8  # windows per worker per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (or derived from global_batch_size)
+    # Windows per optimizer step across every worker (nanoGPT's and llm.c's total batch size): the micro-batches a
+    # step accumulates are then global_batch_size / (batch_size x workers), whatever the number of workers, so a run
+    # resumed on another count continues the same optimisation (`accumulation_steps`)
+    global_batch_size: int | None = None
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (whatever the epochs)
     # Train on this many FLOPs (gptcore.accounting): as many optimizer steps as the budget buys, the LR schedule
@@ -267,6 +271,15 @@ class TrainConfig:
             positive_int(self.max_steps, "train.max_steps")
         if self.flops_budget is not None:
             finite_number(self.flops_budget, "train.flops_budget", low=0.0, high=math.inf, low_open=True)
+        if self.global_batch_size is not None:
+            positive_int(self.global_batch_size, "train.global_batch_size")
+            require(
+                self.grad_accum_steps == 1,
+                "train.global_batch_size",
+                "sets the gradient accumulation itself (global batch / (batch_size x workers)); leave "
+                "train.grad_accum_steps out",
+            )
+            self.accumulation_steps(1)  # a single worker at least must divide it
         if self.sample_every is not None:
             non_negative_int(self.sample_every, "train.sample_every")
         if self.sample_top_k is not None:
@@ -311,6 +324,27 @@ class TrainConfig:
             isinstance(self.init_from, str) and self.init_from != "", "train.init_from", "must be a non-empty string"
         )
         require(isinstance(self.sample_prompt, str), "train.sample_prompt", "must be a string")
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on ``world_size`` workers: ``grad_accum_steps``, or what
+        ``global_batch_size`` takes there (a worker count whose batches do not divide it is refused, naming those
+        that do)."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_micro_step = self.batch_size * world_size
+        if self.global_batch_size % per_micro_step:
+            windows = self.global_batch_size
+            counts = ", ".join(str(w) for w in range(1, windows + 1) if windows % (self.batch_size * w) == 0)
+            fits = f"worker counts that divide it: {counts}" if counts else "no worker count divides it"
+            raise ConfigError(
+                f"train.global_batch_size: {self.global_batch_size} is not a multiple of train.batch_size="
+                f"{self.batch_size} x {world_size} worker(s) = {per_micro_step}; {fits} (or change train.batch_size)"
+            )
+        return self.global_batch_size // per_micro_step
+
+    def windows_per_step(self, world_size: int = 1) -> int:
+        """Windows one full optimizer step takes across ``world_size`` workers."""
+        return self.batch_size * world_size * self.accumulation_steps(world_size)
 
 
 # --------------------------------------------------------------------------- job

@@ -18,7 +18,7 @@ is of live tensors, what the run's own allocations add to the process, in bytes:
 
 Under ``train.parallel="fsdp"`` weights, gradients and optimizer state are sharded: each is divided by
 ``world_size``. A step peaks at one of two moments: at the start of the backward, when every activation is held (and
-the gradients too, if an earlier micro-batch of ``train.grad_accum_steps`` left them), or at its end, when every
+the gradients too, if an earlier micro-batch of the step's accumulation left them), or at its end, when every
 gradient is; ``total`` is the larger, over what lives throughout.
 
 Approximations, each small next to the terms above: the eager model (``train.compile`` fuses some activations away);
@@ -86,7 +86,7 @@ def peak_memory(
         autocast=0 if fsdp or precision == "fp32" else AUTOCAST_BYTES[precision] * linear_params(c),
         activations=activation_bytes(job, precision, device_type),
         parallel=parallel_bytes(job, world_size, precision),
-        gradients_at_activation_peak=t.grad_accum_steps > 1,
+        gradients_at_activation_peak=t.accumulation_steps(world_size) > 1,
     )
 
 

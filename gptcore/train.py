@@ -73,7 +73,8 @@ class Run:
     checkpoints: CheckpointManager
 
     @property
-    def global_batch(self) -> int:
+    def windows_per_micro_step(self) -> int:
+        """Windows one micro-batch of every rank takes together."""
         return self.config.train.batch_size * self.ctx.world_size
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -252,20 +253,22 @@ def optimizer_step(
 
 
 def train_step(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """One optimizer step over ``grad_accum_steps`` micro-batches (fewer at an epoch's end); its metrics."""
+    """One optimizer step over the step's micro-batches (`TrainConfig.accumulation_steps`; fewer at an epoch's end);
+    its metrics."""
     t, ctx, state = run.config.train, run.ctx, run.state
     started = time.perf_counter()
     lr = learning_rate(state.step, ctx.total_steps, run.config)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    n_micro = min(t.grad_accum_steps, (len(run.train_ds) - state.samples_in_epoch) // run.global_batch)
+    accumulation = t.accumulation_steps(ctx.world_size)
+    n_micro = min(accumulation, (len(run.train_ds) - state.samples_in_epoch) // run.windows_per_micro_step)
     micro_batches = [next(batches) for _ in range(n_micro)]
     loss, grad_norm = optimizer_step(
         run.model, run.optimizer, run.scaler, micro_batches, device=ctx.device, dtype=ctx.dtype, grad_clip=t.grad_clip
     )
-    tokens = n_micro * run.global_batch * run.config.model.context_length
+    tokens = n_micro * run.windows_per_micro_step * run.config.model.context_length
     state.step += 1
-    state.samples_in_epoch += n_micro * run.global_batch
+    state.samples_in_epoch += n_micro * run.windows_per_micro_step
     state.tokens_seen += tokens
     metrics = {"loss": mean_across_ranks(float(loss), ctx.device), "lr": lr, "grad_norm": grad_norm}
     metrics["tokens_seen"] = float(state.tokens_seen)
@@ -342,7 +345,7 @@ def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, dat
     run.model.train()
     try:
         while status == "finished" and state.step < ctx.total_steps and state.epoch < config.train.epochs:
-            if state.samples_in_epoch + run.global_batch > len(run.train_ds):  # resumed on more ranks: epoch done
+            if state.samples_in_epoch + run.windows_per_micro_step > len(run.train_ds):  # resumed on more ranks
                 state.epoch, state.samples_in_epoch = state.epoch + 1, 0
                 continue
             batches = run.batches()
@@ -353,7 +356,7 @@ def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, dat
                 if not math.isfinite(step_metrics["loss"]):
                     status = "diverged"
                     break
-                epoch_end = state.samples_in_epoch + run.global_batch > len(run.train_ds)
+                epoch_end = state.samples_in_epoch + run.windows_per_micro_step > len(run.train_ds)
                 last = state.step >= ctx.total_steps or (epoch_end and state.epoch + 1 >= config.train.epochs)
                 evaluate_now, checkpoint = run.checkpoints.after_step(state.step, epoch_end=epoch_end, last=last)
                 if epoch_end:  # the saved state points at the start of the next epoch

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptcore.accounting import budget_steps, param_count, run_length, step_flops, training_flops
-from gptcore.config import JobConfig
+from gptcore.config import ConfigError, JobConfig
 from gptcore.corpus import check_windows, plan_corpus, window_count
 from gptcore.memory import peak_memory
 from gptcore.shards import DataError, Manifest, read_manifest
@@ -69,8 +69,19 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
         max_concurrent=concurrency_limit(experiment, options),
     )
     check_sharding(plan)
+    check_batches(plan)
     check_budgets(plan)
     return plan
+
+
+def check_batches(plan: Plan) -> None:
+    """A ``train.global_batch_size`` the plan's worker count cannot split into whole micro-batches is refused."""
+    for trial in plan.trials:
+        if isinstance(trial.job, JobConfig):
+            try:
+                trial.job.train.accumulation_steps(plan.workers)
+            except ConfigError as exc:
+                raise ExperimentError(f"trial {trial.name}: {exc}") from None
 
 
 def check_sharding(plan: Plan) -> None:
@@ -179,8 +190,7 @@ def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], l
         windows = _train_windows(job, storage)
         bounds = [s for s in (job.train.max_steps, budget_steps(job, plan.workers)) if s]
         if windows is None and bounds:  # at most so many full steps, whatever the corpus
-            t = job.train
-            most = min(bounds) * t.grad_accum_steps * t.batch_size * plan.workers * job.model.context_length
+            most = min(bounds) * job.train.windows_per_step(plan.workers) * job.model.context_length
             steps_total, tokens = f"<= {min(bounds)}", f"<= {_si(most)}"
             flops = f"<= {training_flops(job.model, most):.2e}"
         elif windows is None:

@@ -292,6 +292,11 @@ def test_a_trial_that_does_not_fit_this_machines_memory(work, capsys):
     assert "lower train.batch_size" in line and "train.activation_checkpointing=true" in line
 
 
+def test_a_global_batch_the_workers_cannot_split(work, capsys):
+    argv = ["run", "exp.py", "--set", "train.global_batch_size=6", "--workers", "4", "--dry-run"]
+    refused(capsys, work, argv, "trial 000_lr=0.001: train.global_batch_size: 6 is not a multiple of", "1, 3")
+
+
 def test_a_batch_larger_than_the_train_split(work, capsys):
     """A batch the train split cannot fill is refused before Ray starts (the loop would refuse it on the worker), and
     the dry run says the same."""

@@ -91,3 +91,22 @@ def test_stride_defaults_to_context_length():
 
 def test_padded_vocab():
     assert GPTConfig(pad_vocab_multiple=64).padded_vocab_size == 50304
+
+
+def test_a_global_batch_sets_the_accumulation_for_each_worker_count():
+    """train.global_batch_size: windows per optimizer step on any number of workers; the accumulation follows, and a
+    count whose micro-batches do not divide it is refused, naming the counts that do."""
+    t = JobConfig.from_dict({"train": {"batch_size": 2, "global_batch_size": 12}}).train
+    assert [t.accumulation_steps(w) for w in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    assert {t.windows_per_step(w) for w in (1, 2, 3, 6)} == {12}
+    with pytest.raises(
+        ConfigError,
+        match=r"12 is not a multiple of train.batch_size=2 x 4 worker\(s\) = 8; worker "
+        r"counts that divide it: 1, 2, 3, 6",
+    ):
+        t.accumulation_steps(4)
+    assert JobConfig.from_dict({"train": {"grad_accum_steps": 3}}).train.accumulation_steps(4) == 3
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size: sets the gradient accumulation itself"):
+        JobConfig.from_dict({"train": {"batch_size": 2, "global_batch_size": 8, "grad_accum_steps": 2}})
+    with pytest.raises(ConfigError, match=r"9 is not a multiple of train\.batch_size=2 x 1 worker"):
+        JobConfig.from_dict({"train": {"batch_size": 2, "global_batch_size": 9}})

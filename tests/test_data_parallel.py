@@ -55,7 +55,9 @@ def _rank(rank: int, world: int, init: str, job: dict, out: str, resume: str | N
         leave_process_group()
 
 
-def run(tmp_path: Path, name: str, *, world: int, batch: int, steps: int, resume: Path | None = None) -> list[float]:
+def run(
+    tmp_path: Path, name: str, *, world: int, batch: int, steps: int, resume: Path | None = None, **train: object
+) -> list[float]:
     job = tiny_job(
         model={"context_length": 32},
         train={
@@ -66,6 +68,7 @@ def run(tmp_path: Path, name: str, *, world: int, batch: int, steps: int, resume
             "eval_every": HALF,
             "checkpoint_every": HALF,
             "sample_max_new_tokens": 0,
+            **train,
         },
     )
     dataset_folder(job)  # prepared once, before the ranks read it
@@ -111,3 +114,17 @@ def test_a_two_rank_run_resumes_mid_epoch_on_one_rank(two_ranks, tmp_path):
     _, full, checkpoint = two_ranks
     resumed = run(tmp_path, "one", world=1, batch=4, steps=STEPS, resume=checkpoint)
     assert_same_training(resumed, full[HALF:], first_step=HALF + 1)
+
+
+def test_a_global_batch_trains_the_same_on_one_two_and_four_ranks(tmp_path):
+    """``train.global_batch_size`` fixes the windows of an optimizer step whatever the ranks: 1 rank accumulating 4
+    micro-batches of 2, 2 ranks accumulating 2 and 4 ranks 1 train the same; and a checkpoint of the 4-rank run
+    resumes on 2 ranks (accumulating 2 again) on the same curve."""
+    curves = {w: run(tmp_path, f"ranks{w}", world=w, batch=2, steps=STEPS, global_batch_size=8) for w in (1, 2, 4)}
+    assert_same_training(curves[2], curves[1])
+    assert_same_training(curves[4], curves[1])
+    assert len(set(curves[1])) == STEPS
+    run(tmp_path, "ranks4_half", world=4, batch=2, steps=HALF, global_batch_size=8)
+    checkpoint = tmp_path / "ranks4_half" / "ckpt" / "latest"
+    resumed = run(tmp_path, "resumed", world=2, batch=2, steps=STEPS, resume=checkpoint, global_batch_size=8)
+    assert_same_training(resumed, curves[1][HALF:], first_step=HALF + 1)
