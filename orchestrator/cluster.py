@@ -188,7 +188,7 @@ def check_cpus(cpus_per_worker: float, wait_for_resources: bool = False) -> None
     most = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
     if cpus_per_worker > most and not wait_for_resources:
         raise SweepError(
-            f"each Ray Train worker asks for {cpus_per_worker:g} CPUs but the largest node of the Ray cluster has "
+            f"each worker asks for {cpus_per_worker:g} CPUs but the largest node of the Ray cluster has "
             f"{most:g}; pass --cpus-per-worker {max(int(most), 1)}, or --wait-for-resources if larger nodes autoscale"
         )
 
