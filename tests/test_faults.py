@@ -4,6 +4,8 @@ and the lost MLflow server: tests/test_interrupted.py, test_tracking_outage.py."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import re
 import signal
@@ -17,7 +19,7 @@ from mlflow import MlflowClient
 
 from gptcore.checkpoint import load_checkpoint
 from tests.faults import REPO, TOKENS_PER_STEP, assert_generates, children, steps_of, write_experiment
-from tests.servers import Cli, psutil
+from tests.servers import PATIENCE_S, Cli, psutil
 
 ray_test = pytest.mark.ray
 
@@ -87,36 +89,51 @@ def test_checkpoint_survives_a_writer_killed_mid_save(tmp_path, stage, step):
 
 @pytest.fixture(scope="module")
 def killed_worker_sweep(tmp_path_factory):
-    """One failure survived per trial (``max_failures=1``). Trial 000 has the process training it (its trial actor:
-    one worker) SIGKILLed after its step-40 checkpoint and resumes; trial 001 (lr 1e6) diverges; trial 002 loses its
-    process at step 40 and again once resumed, one failure too many: it fails, and so does the sweep."""
+    """One failure survived per trial (``max_failures=1``), one trial at a time. Trial 000 has the process training
+    it (its trial actor: one worker) SIGKILLed once its step-40 checkpoint is in storage, and resumes; trial 001 (lr
+    1e6) diverges; trial 002 loses its process after its step-40 checkpoint and again after its next one once
+    resumed, one failure too many: it fails, and so does the sweep."""
     work = tmp_path_factory.mktemp("killed_worker")
-    # d_model 128: a trial is still near the step a kill was aimed at when its output reaches the driver, late on a
-    # busy machine (at width 64 trial 002 was once killed at step 80 rather than 40)
-    write_experiment(work, steps=120, every=20, grid='{"train.lr": grid(4e-4, 1e6, 3e-4)}', max_failures=1, d_model=128)
+    grid = '{"train.lr": grid(4e-4, 1e6, 3e-4)}'
+    write_experiment(work, steps=120, every=20, grid=grid, concurrent=1, max_failures=1, d_model=128)
     cli = Cli(["run", "faults.py"], work)
-    worker = r"\(\w+ pid=(\d+)\)\S*\s+"  # Ray's prefix on the output of the process training the trial
     try:
-        victim = kill_worker(cli, cli.wait_for(worker + r"\[000_lr=0.0004\] step 40/120"))
+        victim = kill_trial(cli, work, "000_lr=0.0004", checkpoint_step=40)
         resumed = int(cli.wait_for(r"\[000_lr=0.0004\] .*resumed from step (\d+)").group(1))
-        assert victim.pid != int(cli.wait_for(worker + r"\[000_lr=0.0004\] .*resumed from step").group(1))
-        kill_worker(cli, cli.wait_for(worker + r"\[002_lr=0.0003\] step 40/120"))
-        kill_worker(cli, cli.wait_for(worker + r"\[002_lr=0.0003\] .*resumed from step"))
+        kill_trial(cli, work, "002_lr=0.0003", checkpoint_step=40)
+        kill_trial(cli, work, "002_lr=0.0003", checkpoint_step=checkpointed_step(work, "002_lr=0.0003") + 20)
         rc = cli.finish()
     finally:
         if cli.proc.poll() is None:
             cli.kill_tree()
+    assert victim.pid != int(cli.wait_for(r"\(\w+ pid=(\d+)\)\S*\s+\[000_lr=0.0004\] .*resumed from").group(1))
     return work, rc, cli.output(), resumed, MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
 
 
-def kill_worker(cli: Cli, match: re.Match) -> psutil.Process:
-    """SIGKILL the Ray worker process whose pid ``match`` captured (a process the CLI started)."""
-    victim = psutil.Process(int(match.group(1)))
-    assert "ray::" in " ".join(victim.cmdline())
-    assert victim in psutil.Process(cli.proc.pid).children(recursive=True)
-    time.sleep(0.5)
-    victim.send_signal(signal.SIGKILL)
-    return victim
+def kill_trial(cli: Cli, work: Path, trial: str, *, checkpoint_step: int) -> psutil.Process:
+    """SIGKILL the process training ``trial`` (the one trial actor of the sweep, which runs one trial at a time)
+    once a checkpoint of it at ``checkpoint_step`` or later is in the sweep's storage. Not on the trial's console
+    lines: they reach the driver seconds late on a busy machine (trial 002 was once killed at step 100 on its
+    step-40 line)."""
+    deadline = time.monotonic() + PATIENCE_S
+    while checkpointed_step(work, trial) < checkpoint_step:
+        assert time.monotonic() < deadline and cli.proc.poll() is None, f"{trial}: no step-{checkpoint_step} checkpoint"
+        time.sleep(0.05)
+    actors = [
+        p for p in psutil.Process(cli.proc.pid).children(recursive=True) if "ray::ImplicitFunc" in " ".join(p.cmdline())
+    ]
+    assert len(actors) == 1, [" ".join(p.cmdline()) for p in actors]
+    actors[0].send_signal(signal.SIGKILL)
+    return actors[0]
+
+
+def checkpointed_step(work: Path, trial: str) -> int:
+    """The step of the trial's latest checkpoint in the sweep's storage, either layout (0: none yet)."""
+    steps = [0]
+    for meta in (work / "ray_results").glob(f"faults-*/{trial}/**/checkpoint_*/meta.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):  # still being copied in
+            steps.append(json.loads(meta.read_text())["state"]["step"])
+    return max(steps)
 
 
 @ray_test

@@ -52,8 +52,7 @@ def test_study_runs_end_to_end(studies, experiment):
     [
         (
             "cpus_beyond_the_largest_node",
-            "each worker asks for 4 CPUs but the largest node of the Ray "
-            "cluster has 2; pass --cpus-per-worker 2",
+            "each worker asks for 4 CPUs but the largest node of the Ray cluster has 2; pass --cpus-per-worker 2",
         ),
         ("gpu_on_a_cluster_without", "use_gpu is set but the Ray cluster has no GPU; run without --use-gpu"),
     ],
