@@ -6,7 +6,8 @@
 # Fits an 80 GB H100 (gpt2-xl: 25 GB of fp32 weights, gradients and AdamW state, a few GB of activations).
 # No internet and no corpus needed; wheels in a git-ignored .whl/ are installed first, as gpu_session.sh does.
 # Each step runs under its own `timeout` and logs to $OUT/NAME.txt (default ./gpu-logs): one failure does not hide
-# the others. The default steps take under 6 minutes in all:
+# the others. FSDP compiles each block (head and loss eager), DDP the whole model (loss fused): xl_eager and
+# xl_ddp_eager compare them at the same (no) compile scope. The default steps take under 6 minutes in all:
 #   bash benchmarks/gpu_fsdp.sh                  # versions large xl
 #   bash benchmarks/gpu_fsdp.sh xl_ddp xl_noac  # more: the DDP reference, no activation checkpointing (see STEPS)
 set -uo pipefail
@@ -39,13 +40,14 @@ from gptcore.hardware import peak_flops
 print("FSDP2 and gptcore import; datasheet peak", peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None)'
 declare -A STEPS=(
     [versions]="20"
-    [large]="140 python3 $B --preset gpt2-large --batch 8 --steps 30"
-    [xl]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30"
+    [large]="140 python3 $B --parallel fsdp --preset gpt2-large --batch 8 --steps 30"
+    [xl]="185 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 30"
     [xl_ddp]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --parallel ddp"
     [xl_ddp_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --parallel ddp --no-ac"
-    [xl_eager]="120 python3 $B --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
-    [xl_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --no-ac"
-    [xl_offload]="200 python3 $B --preset gpt2-xl --batch 8 --steps 12 --skip 4 --no-compile --cpu-offload"
+    [xl_eager]="120 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
+    [xl_ddp_eager]="120 python3 $B --parallel ddp --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
+    [xl_noac]="185 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 30 --no-ac"
+    [xl_offload]="200 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 12 --skip 4 --no-compile --cpu-offload"
 )
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv 2>&1 | head -3
 for name in ${@:-versions large xl}; do
