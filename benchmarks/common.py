@@ -88,6 +88,7 @@ class Report:
         self.name, self.quick = name, quick
         self.figures: list[dict[str, Any]] = []
         self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        self.commit = commit()  # the code this run measures, read before it runs
 
     def figure(
         self,
@@ -121,7 +122,7 @@ class Report:
             "bench": self.name,
             "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
             "quick": self.quick,
-            "commit": commit(),
+            "commit": self.commit,
             "date": self.started,
             "cpu": cpu_model(),
             "machine": machine(),
