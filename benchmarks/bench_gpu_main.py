@@ -59,6 +59,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the CLI's --dry-run of the same command (any machine)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds the sweep may take")
+    parser.add_argument("--quick", action="store_true", help="the same run (run_all.py passes it to every script)")
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
     print("$ python " + " ".join(COMMAND), flush=True)
@@ -67,7 +68,7 @@ def main() -> int:
             return subprocess.run([sys.executable, *COMMAND, "--dry-run"], cwd=work, timeout=300).returncode
         import torch
 
-        out = Report("gpu_main")
+        out = Report("gpu_main", quick=args.quick)
         if not torch.cuda.is_available():
             print("no CUDA device: unmeasured on this machine")
             out.unmeasured(FIGURE, "no GPU", "finished, MFU and GPU metrics in MLflow")

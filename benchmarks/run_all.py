@@ -20,7 +20,8 @@ from pathlib import Path
 from common import ROOT, SUMMARY, machine, parse_lines, table
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["train", "generate", "data", "system_metrics", "fsdp", "orchestration", "gpu_mfu", "gpu_fsdp", "gpu_data"]
+CPU_SCRIPTS = ["train", "generate", "data", "system_metrics", "fsdp", "orchestration"]
+SCRIPTS = [*CPU_SCRIPTS, "gpu_main", "gpu_mfu", "gpu_fsdp", "gpu_data"]  # without a GPU: "unmeasured"
 
 
 def run_script(name: str, quick: bool) -> tuple[int, float, str]:
