@@ -102,14 +102,15 @@ def measure(workload: Workload) -> dict[str, float]:
     """Seconds of ``workload``'s micro-benchmark in fp32 and under bf16 autocast, on this process's CPU threads; the
     fastest of up to `ROUNDS` rounds each, fewer once one is `CLEAR_GAP` times the other (emulated bf16 can be 30x
     slower: more rounds would only cost time)."""
-    run = {"train": _training_probe, "sample": _decoding_probe}[workload]()
-    best = {"fp32_s": float("inf"), "bf16_s": float("inf")}
-    run(None), run(torch.bfloat16)  # warm-up: first-call allocations and kernel selection
-    for _ in range(ROUNDS):
-        for name, dtype in (("fp32_s", None), ("bf16_s", torch.bfloat16)):
-            best[name] = min(best[name], run(dtype))
-        if max(best.values()) >= CLEAR_GAP * min(best.values()):
-            break
+    with torch.random.fork_rng(devices=[]):  # the probes' random weights leave a run's random stream as it was
+        run = {"train": _training_probe, "sample": _decoding_probe}[workload]()
+        best = {"fp32_s": float("inf"), "bf16_s": float("inf")}
+        run(None), run(torch.bfloat16)  # warm-up: first-call allocations and kernel selection
+        for _ in range(ROUNDS):
+            for name, dtype in (("fp32_s", None), ("bf16_s", torch.bfloat16)):
+                best[name] = min(best[name], run(dtype))
+            if max(best.values()) >= CLEAR_GAP * min(best.values()):
+                break
     return best
 
 

@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from gptcore.autoprecision import Workload, cpu_prefers_bf16
 from gptcore.config import TrainConfig, resolved_precision
@@ -61,7 +62,18 @@ def prepare_process(train: TrainConfig, device: torch.device, rank: int) -> torc
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
     set_seed(train.seed + rank)
-    return resolve_precision(train.precision, device, "train")
+    dtype = resolve_precision(train.precision, device, "train")
+    if train.precision == "auto" and device.type == "cpu" and dist.is_initialized() and dist.get_world_size() > 1:
+        dtype = _rank0s(dtype)
+    return dtype
+
+
+def _rank0s(dtype: torch.dtype | None) -> torch.dtype | None:
+    """Rank 0's autocast dtype on every rank (a collective): CPU ranks on other machines measure ``auto`` each on
+    their own and could differ, which would train the ranks' shares of the model in different precisions."""
+    choice = [dtype]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def keep_freed_memory_mapped() -> None:

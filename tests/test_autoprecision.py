@@ -32,11 +32,14 @@ def test_auto_takes_the_faster_precision_of_each_workload(cache):
 
 
 def test_the_measurement_is_written_once_and_reused(cache):
-    """No timings for this machine: measured and cached under its CPU model and torch version, other machines' entries
-    kept; a second resolution reads the cache (its timings decide) and writes nothing."""
+    """No timings for this machine: measured (leaving the global random stream as it was) and cached under its CPU
+    model and torch version, other machines' entries kept; a second resolution reads the cache (its timings decide)
+    and writes nothing."""
     other = {"Other CPU | torch 0.0": {"train": {"fp32_s": 1.0, "bf16_s": 2.0}}}
     (cache / CACHE_FILE).write_text(json.dumps(other))
+    rng = torch.random.get_rng_state()
     auto = resolve_precision("auto", CPU, "train")
+    assert torch.equal(torch.random.get_rng_state(), rng)  # a run that measures draws the numbers a cached one draws
     entries = json.loads((cache / CACHE_FILE).read_text())
     assert entries["Other CPU | torch 0.0"] == other["Other CPU | torch 0.0"]
     measured = entries[machine_key()]
