@@ -112,8 +112,8 @@ class Report:
         self.figure(figure, f"unmeasured ({why})", goal=goal)
 
     def save(self) -> Path | None:
-        """Write the results file; a run that measured nothing keeps an earlier run's file that measured something
-        (a GPU figure is not replaced by "unmeasured" from a machine without one)."""
+        """Write the results file; a run that measured nothing leaves an existing one as it is (a GPU figure is not
+        replaced by "unmeasured" from a machine without a GPU)."""
         path = RESULTS / f"{self.name}.json"
         measured = any(not f["measured"].startswith("unmeasured") for f in self.figures)
         if not measured and path.is_file():
