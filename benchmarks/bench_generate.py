@@ -157,10 +157,10 @@ def main() -> None:
         for side, r in results.items()
     ]
     print(table(["side", "seconds", "tok/s", "vs ref", "tokens vs ref"], rows))
-    report(results, Report("generate", quick=args.quick))
+    report(results, new_tokens, Report("generate", quick=args.quick))
 
 
-def report(results: dict[str, dict[str, Any]], out: Report) -> None:
+def report(results: dict[str, dict[str, Any]], new_tokens: int, out: Report) -> None:
     """The figures: ours at auto (as sampling runs) and in fp32 against the reference; ours with bf16 weights (the
     fastest way, not the default); whether auto picked the faster of fp32 and bf16 autocast."""
     from gptcore.autoprecision import cpu_timings
@@ -169,7 +169,7 @@ def report(results: dict[str, dict[str, Any]], out: Report) -> None:
     speedup, like = ratio(auto["tok_s"], ref["tok_s"]), ratio(fp32["tok_s"], ref["tok_s"])
     print(f"\nprecision=auto vs reference: {speedup:.1f}x (goal >= {GOAL:.0f}x); fp32 vs fp32 {like:.1f}x")
     out.figure(
-        "generation, 1 x 200 greedy tokens, KV cache, precision=auto vs reference",
+        f"generation, 1 x {new_tokens} greedy tokens, KV cache, precision=auto vs reference",
         f"{speedup:.1f}x ({auto['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s; auto = {auto['precision']})",
         ratio=speedup,
         like_for_like=f"{like:.1f}x fp32 vs fp32 ({fp32['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s), tokens "
