@@ -56,7 +56,9 @@ def rows(records: dict[str, dict[str, Any]]) -> list[list[str]]:
         source = f"`{record['command']}`{quick}, {when}"
         for f in record["figures"]:
             met = {True: "yes", False: "**no**", None: "—"}[f["met"]]
-            out.append([f["figure"], f["measured"], f["like_for_like"], f["goal"], met, source])
+            unmeasured = f["measured"].startswith("unmeasured")
+            where = f"`{script}` on {record['cpu']}, {record['date']}" if unmeasured else source
+            out.append([f["figure"], f["measured"], f["like_for_like"], f["goal"], met, where])
     return out
 
 
