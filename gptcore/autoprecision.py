@@ -3,7 +3,7 @@
 Whether bf16 pays on a CPU depends on the CPU and on the work, not on a feature flag: on an Intel Xeon with AVX-512
 bf16, training steps ran 1.9x faster under bf16 autocast while batch-1 decoding ran slower than in fp32; on CPUs
 without native bf16 it is emulated. So each workload is measured once per machine, with a micro-benchmark of its
-own shape (well under a second each):
+own shape (about a second each; ~2 s for training where bf16 is emulated, 20-30x slower):
 
 - ``train``: forward and backward of a transformer MLP (768 -> 3072 -> 768) on 128 tokens, the matmuls a
   training step is made of;
