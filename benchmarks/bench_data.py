@@ -12,7 +12,8 @@ every 0.2 s in a thread (the driver plus every Ray process it starts), and the s
   stream   the baseline: one process reads each record, tiktoken ``encode_ordinary`` (gptcore's GPT-2 encoding),
            and appends EOT + tokens as uint16 to one file (nanoGPT's prepare, streaming, no token list kept)
   prepare  ``orchestrator.prepare.prepare`` as ``python -m orchestrator prepare`` runs it: a local Ray started by
-           ``connect_ray``, one task (1 CPU) per ~128 MB group of files; Ray's fixed cost is the tree's RSS right
+           ``connect_ray`` without its dashboard (as `cmd_prepare` starts it; the tasks import no torch), one task
+           (1 CPU) per ~128 MB group of files; Ray's fixed cost is the tree's RSS right
            after ``ray.init`` (before any task), and the largest single Ray worker is reported too
   cluster  ``prepare --address`` of the 1 GB corpus (the largest in --quick) on a ``ray start --head --num-cpus 1``
            cluster, then on one with a second ``ray start --address ... --num-cpus 1`` node (same machine, storage
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ROOT, emit, machine, median, rss_bytes, run_side, summary, table
+from common import ROOT, Report, emit, machine, median, rss_bytes, run_side, table
 
 FILE_BYTES = 64_000_000  # text bytes per JSONL file
 SAMPLE_S = 0.2  # memory sampling period (RSS)
@@ -316,7 +317,8 @@ def side_stream(folder: Path, out: Path) -> dict[str, Any]:
 
 
 def side_prepare(folder: Path, storage: Path, address: str | None) -> dict[str, Any]:
-    """``orchestrator prepare`` (cmd_prepare's steps): plan, connect_ray, prepare, shutdown."""
+    """``orchestrator prepare`` (cmd_prepare's steps): plan, connect_ray (no dashboard, as cmd_prepare), prepare,
+    shutdown."""
     import ray
 
     from gptcore.config import DataConfig
@@ -329,7 +331,7 @@ def side_prepare(folder: Path, storage: Path, address: str | None) -> dict[str, 
         start = time.perf_counter()
         plan = plan_corpus(DataConfig(corpus=str(folder)))
         assert needs_ray(plan), f"{folder}: {plan.total_bytes / 1e6:.0f} MB, too small for Ray tasks"
-        connect_ray(address)
+        connect_ray(address, dashboard=False)
         started = time.perf_counter() - start
         time.sleep(SETTLE_S)
         fixed = memory.sample()
@@ -446,13 +448,13 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def goal(bench: str, figure: str, target: str, met: bool) -> None:
-    """A pass/fail line, and the summary line run_all.py tabulates."""
+def goal(out: Report, bench: str, figure: str, target: str, met: bool, ratio: float | None = None) -> None:
+    """A pass/fail line, and the figure in ``out``."""
     print(f"{'PASS' if met else 'FAIL'}  {bench}: {figure} (goal: {target})", flush=True)
-    summary(bench, figure, target, met)
+    out.figure(bench, figure, ratio=ratio, goal=target, met=met)
 
 
-def report_prepare(runs: list[dict[str, Any]]) -> None:
+def report_prepare(runs: list[dict[str, Any]], out: Report) -> None:
     speed, memory = [], []
     for run in runs:
         s, p = run["stream"], run["prepare"]
@@ -479,6 +481,7 @@ def report_prepare(runs: list[dict[str, Any]]) -> None:
     growth = [r["prepare"]["peak"] - r["prepare"]["fixed"] for r in (small, large)]
     span = f"{small['bytes'] / 1e9:.2f} -> {large['bytes'] / 1e9:.2f} GB"
     goal(
+        out,
         "data prepare memory flat",
         f"peak beyond Ray's fixed cost {gib(growth[0])} -> {gib(growth[1])} GiB ({span})",
         "largest <= 1.2x smallest + 64 MiB",
@@ -486,6 +489,7 @@ def report_prepare(runs: list[dict[str, Any]]) -> None:
     )
     base = large["stream"]["peak"]
     goal(
+        out,
         "data prepare memory vs baseline",
         f"peak beyond Ray's fixed cost {gib(growth[1])} GiB, largest worker {gib(large['prepare']['worker'])} GiB, "
         f"baseline {gib(base)} GiB",
@@ -494,21 +498,24 @@ def report_prepare(runs: list[dict[str, Any]]) -> None:
     )
     fast, slow = rate(large["prepare"], with_start=True), rate(large["stream"])
     goal(
+        out,
         "data prepare tokens/s",
         f"{fast / 1e6:.2f} M (ray.init included) vs baseline {slow / 1e6:.2f} M tokens/s ({fast / slow:.2f}x)",
         ">= baseline on 2 cores",
         fast >= slow,
+        fast / slow,
     )
 
 
-def report_cluster(results: dict[int, dict[str, Any]], name: str) -> None:
+def report_cluster(results: dict[int, dict[str, Any]], name: str, out: Report) -> None:
     rows = [[n, n, *rate_cells(r), ", ".join(r["nodes"])] for n, r in results.items()]
     print(table(["nodes", "CPUs", *RATE_HEADERS, "tasks ran on"], rows))
     speedup = rate(results[2]) / rate(results[1])
-    goal(f"data prepare 2 nodes ({name})", f"{speedup:.2f}x the tokens/s of 1 node", ">= 1.5x", speedup >= 1.5)
+    figure = f"{speedup:.2f}x the tokens/s of 1 node"
+    goal(out, f"data prepare 2 nodes ({name})", figure, ">= 1.5x", speedup >= 1.5, speedup)
 
 
-def report_train(runs: list[dict[str, Any]]) -> None:
+def report_train(runs: list[dict[str, Any]], out: Report) -> None:
     rows = []
     for run in runs:
         t = run["train"]
@@ -521,6 +528,7 @@ def report_train(runs: list[dict[str, Any]]) -> None:
     print(table([*headers, "RSS at train start GiB", f"peak RSS (VmHWM) GiB, {TRAIN_REPEATS} runs"], rows))
     start = [max(r["start_rss"] for r in run["train"]) for run in (runs[0], runs[-1])]
     goal(
+        out,
         "data train start memory flat",
         f"RSS with the data, model and optimizer built {gib(start[0])} -> {gib(start[1])} GiB",
         "largest <= smallest + 32 MiB",
@@ -528,6 +536,7 @@ def report_train(runs: list[dict[str, Any]]) -> None:
     )
     small, large = (min(r["peak"] for r in run["train"]) for run in (runs[0], runs[-1]))
     goal(
+        out,
         "data train memory flat",
         f"peak RSS (least of {TRAIN_REPEATS} runs) {gib(small)} -> {gib(large)} GiB",
         "largest <= 1.2x smallest + 32 MiB",
@@ -563,17 +572,19 @@ def main() -> None:
     sizes = sorted(args.sizes or ([0.2, 0.3] if args.quick else [0.2, 1.0, 2.0]))
     work = args.work.absolute()
     print(f"machine: {machine()}\n", flush=True)
+    out = Report("data", quick=args.quick or args.sizes is not None)
     try:
         runs = [measure_size(work, gb) for gb in sizes]
         middle = min(runs, key=lambda r: abs(r["gb"] - 1.0))
         nodes = measure_cluster(work, middle["folder"])
         print(f"\n## prepare vs the streaming baseline (JSONL files of {FILE_BYTES / 1e6:.0f} MB)\n")
-        report_prepare(runs)
+        report_prepare(runs, out)
         print(f"\n## prepare --address on a local cluster of 1-CPU nodes, {middle['bytes'] / 1e9:.2f} GB corpus\n")
-        report_cluster(nodes, f"{middle['bytes'] / 1e9:.2f} GB")
+        report_cluster(nodes, f"{middle['bytes'] / 1e9:.2f} GB", out)
         print("\n## training on the prepared folder (micro model, context 256, batch 8, 20 steps)\n")
-        report_train(runs)
+        report_train(runs, out)
         print("\nload average at the end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+        out.save()
     finally:
         for path in work.glob("storage-*") if work.is_dir() else []:
             shutil.rmtree(path, ignore_errors=True)

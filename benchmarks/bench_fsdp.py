@@ -25,7 +25,7 @@ import sys
 import tempfile
 from typing import Any
 
-from common import emit, machine, median, ratio, rss_bytes, run_side, size, summary, table, time_calls
+from common import Report, emit, machine, median, ratio, rss_bytes, run_side, size, table, time_calls
 
 WORLD = 2
 
@@ -169,13 +169,16 @@ def main() -> int:
     headers.append("step s (median / fastest)")
     print(table(headers, rows))
     share = ratio(fsdp["state"], ddp["state"])
-    summary(
-        "fsdp",
-        f"{args.preset} on {WORLD} workers: params+grads+AdamW {size(fsdp['state'])} vs {size(ddp['state'])} per "
-        f"worker ({share:.2f}x), step time {ratio(fsdp['step_s'], ddp['step_s']):.2f}x DDP's",
-        "~1/2 of DDP's memory",
-        share <= 0.55,
+    out = Report("fsdp", quick=args.quick)
+    out.figure(
+        f"FSDP vs DDP on CPU, {args.preset} on {WORLD} workers (gloo): memory per worker",
+        f"params+grads+AdamW {size(fsdp['state'])} vs {size(ddp['state'])} ({share:.2f}x); step time "
+        f"{ratio(fsdp['step_s'], ddp['step_s']):.2f}x DDP's",
+        ratio=share,
+        goal="~1/2 of DDP's memory",
+        met=share <= 0.55,
     )
+    out.save()
     return 0
 
 

@@ -4,6 +4,9 @@ ref        llms_from_scratch.ch04.generate_text_simple: fp32, the whole sequence
 ours       gptcore.sampling.generate: KV cache (one position per token), head on the last position only
 ours-amp   the same under gptcore.train's ``autocast(device, torch.bfloat16)`` (bf16 copies of the
            weights made once per generate call, as training's samples are made)
+ours-auto  the same at ``precision=auto`` as sampling resolves it (`resolve_precision(..., "sample")`: the
+           faster of fp32 and bf16 autocast in its cached micro-benchmark on this CPU), as ``orchestrator sample``
+           and decode sweeps run
 ours-bf16  the same with the weights stored in bf16 (``model.to(torch.bfloat16)``) and
            ``torch.set_flush_denormal(True)``
 ours-bf16-raw  bf16 weights without flushing denormals: on this torch (2.13 CPU) some bf16 matmuls of a
@@ -22,13 +25,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from common import BOOK_CONFIG, OUR_MODEL, emit, machine, ratio, run_side, summary, table, time_calls
+from common import BOOK_CONFIG, OUR_MODEL, Report, cpu_model, emit, machine, ratio, run_side, table, time_calls
 
 PROMPT, GOAL = "Every effort moves you", 10.0
 SIDES = {
     "ref": "reference (generate_text_simple, fp32)",
     "ours": "ours (KV cache, fp32)",
     "ours-amp": "ours (KV cache, autocast bf16)",
+    "ours-auto": "ours (KV cache, precision=auto)",
     "ours-bf16": "ours (KV cache, bf16 weights, flush denormals)",
     "ours-bf16-raw": "ours (KV cache, bf16 weights)",
 }
@@ -88,7 +92,7 @@ def measure(side: str, new_tokens: int, repeats: int) -> dict[str, Any]:
     else:
         from gptcore.config import model_config
         from gptcore.model import GPT
-        from gptcore.runtime import autocast
+        from gptcore.runtime import autocast, resolve_precision
         from gptcore.sampling import generate
 
         model = GPT(model_config(**OUR_MODEL))
@@ -98,6 +102,8 @@ def measure(side: str, new_tokens: int, repeats: int) -> dict[str, Any]:
             model = model.to(torch.bfloat16)
             torch.set_flush_denormal(side == "ours-bf16")
         dtype = torch.bfloat16 if side == "ours-amp" else None
+        if side == "ours-auto":
+            dtype = resolve_precision("auto", torch.device("cpu"), "sample")
 
         def run(n: int) -> list[int]:
             with autocast(torch.device("cpu"), dtype):
@@ -111,7 +117,8 @@ def measure(side: str, new_tokens: int, repeats: int) -> dict[str, Any]:
     run(4)  # warm-up: first-call allocations and kernel selection
     times = time_calls(timed, warmup=0, repeats=repeats)
     best = min(times)
-    return {"tok_s": new_tokens / best, "s": best, "tokens": tokens}
+    precision = "bfloat16" if side == "ours-amp" or (side == "ours-auto" and dtype is not None) else "fp32"
+    return {"tok_s": new_tokens / best, "s": best, "tokens": tokens, "precision": precision}
 
 
 def _agreement(a: list[int], b: list[int]) -> str:
@@ -150,16 +157,51 @@ def main() -> None:
         for side, r in results.items()
     ]
     print(table(["side", "seconds", "tok/s", "vs ref", "tokens vs ref"], rows))
-    for side, label in (("ours", "fp32"), ("ours-amp", "bf16 autocast"), ("ours-bf16", "bf16 weights")):
-        speedup = ratio(results[side]["tok_s"], ref["tok_s"])
-        match = "" if side != "ours" else f", tokens {_agreement(results[side]['tokens'], ref['tokens'])}"
-        print(f"{SIDES[side]}: {speedup:.1f}x (goal >= {GOAL:.0f}x){match}")
-        summary(
-            f"generate ({label})",
-            f"{speedup:.1f}x ({results[side]['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s){match}",
-            f">= {GOAL:.0f}x",
-            speedup >= GOAL,
+    report(results, new_tokens, Report("generate", quick=args.quick))
+
+
+def report(results: dict[str, dict[str, Any]], new_tokens: int, out: Report) -> None:
+    """The figures: ours at auto (as sampling runs) and in fp32 against the reference; ours with bf16 weights (the
+    fastest way, not the default); whether auto picked the faster of fp32 and bf16 autocast."""
+    from gptcore.autoprecision import cpu_timings
+
+    ref, auto, fp32, amp = (results[side] for side in ("ref", "ours-auto", "ours", "ours-amp"))
+    speedup, like = ratio(auto["tok_s"], ref["tok_s"]), ratio(fp32["tok_s"], ref["tok_s"])
+    print(f"\nprecision=auto vs reference: {speedup:.1f}x (goal >= {GOAL:.0f}x); fp32 vs fp32 {like:.1f}x")
+    out.figure(
+        f"generation, 1 x {new_tokens} greedy tokens, KV cache, precision=auto vs reference",
+        f"{speedup:.1f}x ({auto['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s; auto = {auto['precision']})",
+        ratio=speedup,
+        like_for_like=f"{like:.1f}x fp32 vs fp32 ({fp32['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s), tokens "
+        + _agreement(fp32["tokens"], ref["tokens"]),
+        goal=f">= {GOAL:.0f}x",
+        met=speedup >= GOAL,
+    )
+    if "ours-bf16" in results:
+        weights = ratio(results["ours-bf16"]["tok_s"], ref["tok_s"])
+        out.figure(
+            "generation, bf16 weights (model.to(bfloat16)) vs reference",
+            f"{weights:.1f}x ({results['ours-bf16']['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s; fp32 reference)",
+            ratio=weights,
+            like_for_like=f"{like:.1f}x fp32 vs fp32",
+            goal=f">= {GOAL:.0f}x",
+            met=weights >= GOAL,
         )
+    probe = cpu_timings("sample")
+    faster = "bfloat16" if amp["tok_s"] > fp32["tok_s"] else "fp32"
+    print(
+        f"precision=auto on {cpu_model()}: {auto['precision']} (its micro-benchmark: fp32 "
+        f"{probe['fp32_s'] * 1e3:.0f} ms, bf16 {probe['bf16_s'] * 1e3:.0f} ms); generation here: fp32 "
+        f"{fp32['tok_s']:.1f} tok/s, bf16 autocast {amp['tok_s']:.1f} tok/s"
+    )
+    out.figure(
+        "generation: precision=auto picks the faster of fp32 and bf16 autocast on this CPU",
+        f"auto = {auto['precision']}; fp32 {fp32['tok_s']:.1f}, bf16 autocast {amp['tok_s']:.1f} tok/s",
+        ratio=ratio(amp["tok_s"], fp32["tok_s"]),
+        goal="auto = the faster",
+        met=auto["precision"] == faster,
+    )
+    out.save()
 
 
 if __name__ == "__main__":

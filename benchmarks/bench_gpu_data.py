@@ -8,7 +8,7 @@ loop     `gptcore.train.train(job, data_dir=...)` on those shards: gpt2-small, c
          (median after the compile steps), beside `bench_gpu_mfu.py --side ours` (the same step on a random batch,
          no loader, no per-step host syncs) in the same run
 
-    python benchmarks/bench_gpu_data.py [--text-mb 400] [--steps 60]
+    python benchmarks/bench_gpu_data.py [--quick] [--text-mb 400] [--steps 60]
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import Report, machine, run_side
 
 _WORD_TEXT = (
     "the of and to in a is that for it as was with be by on not he I this are or his from at which but have an "
@@ -119,14 +117,27 @@ def loop(folder: Path, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-mb", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--quick", action="store_true", help="100 MB of text, 30 steps")
+    parser.add_argument("--text-mb", type=int, default=None, help="generated text (default 400)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 60)")
     args = parser.parse_args()
+    text_mb, steps = args.text_mb or (100 if args.quick else 400), args.steps or (30 if args.quick else 60)
     print(f"machine: {machine()}", flush=True)
+    import torch
+
+    out = Report("gpu_data", quick=args.quick)
+    loop_figure = "GPU: gptcore's loop on token shards vs the bare step (bench_gpu_mfu.py --side ours)"
+    prepare_figure = "prepare on every core of a GPU machine vs one process"
+    if not torch.cuda.is_available():  # both figures are a GPU machine's (its cores, its GPU)
+        print("no CUDA device: unmeasured on this machine")
+        out.unmeasured(loop_figure, "no GPU", ">= 90 % of the bare step")
+        out.unmeasured(prepare_figure, "no GPU")
+        out.save()
+        return
     work = Path(tempfile.mkdtemp(prefix="gpu-data-"))
     t0 = time.perf_counter()
-    generate(work / "corpus", args.text_mb)
-    print(f"generated {args.text_mb} MB of text in {time.perf_counter() - t0:.1f} s", flush=True)
+    generate(work / "corpus", text_mb)
+    print(f"generated {text_mb} MB of text in {time.perf_counter() - t0:.1f} s", flush=True)
     cores = os.cpu_count() or 1
     p = prepare(work / "corpus", work / "datasets", cores)
     parallel, single = p["tokens"] / p["seconds"], p["single_tokens"] / p["single_seconds"]
@@ -135,22 +146,24 @@ def main() -> None:
         f"{parallel / 1e6:.2f} M tokens/s"
     )
     print(f"prepare, one process (a group): {single / 1e6:.2f} M tokens/s -> {parallel / single:.1f}x", flush=True)
-    import torch
-
-    if not torch.cuda.is_available():
-        print("no CUDA device: the loop's figures are unmeasured")
-        return
-    folder = p["folder"]
-    ours = loop(folder, args.steps)
-    print(f"gptcore.train loop on shards: {ours['tokens_per_sec']:,.0f} tokens/s, MFU {ours['mfu']:.1%}", flush=True)
-    step = subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "bench_gpu_mfu.py"), "--side", "ours"],
-        capture_output=True,
-        text=True,
-        timeout=400,
+    out.figure(
+        prepare_figure,
+        f"{parallel / 1e6:.1f} M tokens/s on {cores} cores vs {single / 1e6:.2f} M in one process",
+        ratio=parallel / single,
     )
-    print("bench_gpu_mfu.py --side ours (the step alone, random batch):")
-    print("\n".join(line for line in step.stdout.splitlines() if "BENCH_RESULT" in line or "MFU" in line)[-2000:])
+    ours = loop(p["folder"], steps)
+    print(f"gptcore.train loop on shards: {ours['tokens_per_sec']:,.0f} tokens/s, MFU {ours['mfu']:.1%}", flush=True)
+    bare = run_side(Path(__file__).parent / "bench_gpu_mfu.py", ["--side", "ours"], timeout=400)
+    share = ours["tokens_per_sec"] / bare["tok_s"]
+    print(f"bench_gpu_mfu.py --side ours (the step alone, random batch): {bare['tok_s']:,.0f} tokens/s -> {share:.0%}")
+    out.figure(
+        loop_figure,
+        f"{share:.0%} ({ours['tokens_per_sec']:,.0f} vs {bare['tok_s']:,.0f} tok/s; MFU {ours['mfu']:.1%})",
+        ratio=share,
+        goal=">= 90 % of the bare step",
+        met=share >= 0.9,
+    )
+    out.save()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,14 @@ no corpus). One evaluation at the end, no samples, no checkpoint written. Tokens
 ``--skip`` (compilation); MFU counts the model's FLOPs (`training_flops_per_token`: 6 N + 12 L d T, not the recomputed
 forward of activation checkpointing) against the GPU's datasheet bf16 peak (`gptcore.hardware`).
 
-    python benchmarks/bench_gpu_fsdp.py --preset gpt2-xl [--batch 8] [--steps 30] [--no-compile] [--no-ac]
+    python benchmarks/bench_gpu_fsdp.py --parallel fsdp --preset gpt2-xl [--batch 8] [--steps 30] [--no-ac]
+    python benchmarks/bench_gpu_fsdp.py [--quick]     # the comparison
+
+Compile scope differs between the sides: FSDP compiles each block (its hooks, the head and the loss stay eager),
+DDP (one process: the plain model) compiles the whole model with the loss fused into it. Every result says its scope.
+Without ``--parallel`` (as ``run_all.py`` runs it) the script compares, each in its own process: FSDP and DDP
+compiled (the scopes differ: said in the row) and both eager (like-for-like), with activation checkpointing; the
+ratio of each pair goes to ``benchmarks/results/gpu_fsdp.json``. Without CUDA that comparison is unmeasured.
 """
 
 from __future__ import annotations
@@ -51,6 +58,53 @@ def stub_if_missing() -> None:
                 sys.modules[name] = module
 
 
+def compile_scope(parallel: str, compiled: bool) -> str:
+    """What ``torch.compile`` covers in `gptcore.train.train` for ``parallel``."""
+    if not compiled:
+        return "nothing (eager)"
+    return "each block (head and loss eager)" if parallel == "fsdp" else "the whole model (loss fused)"
+
+
+def compare(args: argparse.Namespace) -> int:
+    """FSDP against DDP on one GPU, compiled (scopes differ) and eager (like-for-like); the results file."""
+    import torch
+    from common import Report, machine, run_side, table
+
+    out = Report("gpu_fsdp", quick=args.quick)
+    figure = f"FSDP vs DDP on one GPU, {args.preset} x {args.context}, batch {args.batch}, activation checkpointing"
+    print(f"machine: {machine()}", flush=True)
+    if not torch.cuda.is_available():
+        print("no CUDA device: unmeasured on this machine")
+        out.unmeasured(figure, "no GPU")
+        out.save()
+        return 0
+    steps, skip = (14, 6) if args.quick else (args.steps, args.skip)
+    common = ["--preset", args.preset, "--batch", str(args.batch), "--context", str(args.context)]
+    common += ["--steps", str(steps), "--skip", str(skip)]
+    runs = {
+        (parallel, compiled): run_side(
+            __file__, [*common, "--parallel", parallel, *([] if compiled else ["--no-compile"])], timeout=600
+        )
+        for compiled in (True, False)
+        for parallel in ("ddp", "fsdp")
+    }
+    rows = [
+        [p, r["compile_scope"], f"{r['tokens_per_sec']:,}", f"{r['mfu']:.1%}", f"{r['max_memory_gib']:.1f} GiB"]
+        for (p, _), r in runs.items()
+    ]
+    print(table(["parallel", "compiled", "tokens/s", "MFU", "peak memory"], rows))
+    compiled, eager = (runs["fsdp", c]["tokens_per_sec"] / runs["ddp", c]["tokens_per_sec"] for c in (True, False))
+    out.figure(
+        figure,
+        f"{compiled:.2f}x DDP's tokens/s compiled (FSDP: each block; DDP: the whole model, loss fused); FSDP MFU "
+        f"{runs['fsdp', True]['mfu']:.1%}",
+        ratio=compiled,
+        like_for_like=f"{eager:.2f}x both eager",
+    )
+    out.save()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2-xl")
@@ -60,11 +114,14 @@ def main() -> int:
     parser.add_argument("--skip", type=int, default=8, help="first steps left out of the median (compilation)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
-    parser.add_argument("--parallel", default="fsdp", help="ddp: the reference (one process holds the whole model)")
+    parser.add_argument("--parallel", choices=["fsdp", "ddp"], help="one run (ddp: the reference); none: compare")
+    parser.add_argument("--quick", action="store_true", help="compare: 14 steps, the median after 6")
     parser.add_argument("--cpu-offload", action="store_true", help="train.fsdp_cpu_offload")
     parser.add_argument("--device", default="cuda", help="cpu: a check of this script itself (gloo, no MFU)")
     parser.add_argument("--precision", default="bf16")
     args = parser.parse_args()
+    if args.parallel is None:
+        return compare(args)
     stub_if_missing()
 
     import numpy as np
@@ -143,6 +200,7 @@ def main() -> int:
         "batch": args.batch,
         "context": L,
         "compile": not args.no_compile,
+        "compile_scope": compile_scope(args.parallel, not args.no_compile),
         "activation_checkpointing": not args.no_ac,
         "status": result.status,
         "tokens_per_sec": round(steady),
@@ -155,7 +213,8 @@ def main() -> int:
     mfu_text = f"MFU {mfu:.1%} (model FLOPs)" if mfu is not None else "no MFU (no datasheet peak for this device)"
     memory = f", peak memory {out['max_memory_gib']:.1f} GiB" if out["max_memory_gib"] is not None else ""
     print(
-        f"{args.preset} ({args.parallel}): {steady:,.0f} tokens/s, {mfu_text}{memory}, loss {out['first_loss']:.2f} -> "
+        f"{args.preset} ({args.parallel}, compiled: {out['compile_scope']}): {steady:,.0f} tokens/s, {mfu_text}"
+        f"{memory}, loss {out['first_loss']:.2f} -> "
         f"{out['last_loss']:.2f}",
         flush=True,
     )

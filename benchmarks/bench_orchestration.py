@@ -25,7 +25,8 @@ deduplication is off (RAY_DEDUP_LOGS=0): it would fold lines of different trials
 
 Per-trial overhead is (sweep wall - plain wall) / trials; walls include interpreter start and imports.
 
-    flock /tmp/ray.lock python benchmarks/bench_orchestration.py [--quick] [--main] [--before REF] [--keep DIR]
+    flock /tmp/ray.lock python benchmarks/bench_orchestration.py [--quick] [--main] [--before REF|none] [--keep DIR]
+    python benchmarks/bench_orchestration.py --quick --before none --use-gpu    # on a GPU machine (gpu_acceptance.sh)
 
 ``--quick``: the micro sweep with 2 trials. ``--keep DIR``: each side's time-stamped output (``t<TAB>line``) and
 its MLflow store (``<job>-<side>-mlruns.db``) are written to DIR.
@@ -47,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, emit, machine, run_side, summary, table
+from common import ROOT, Report, emit, machine, run_side, table
 
 GOAL_S = 5.0
+MAIN_GOAL_MIN = 8
 DEFAULT_BEFORE = "4f0790a"  # the commit before issue 26's change
 SHARED_DATA = ROOT.parent / "shared" / "data"  # the Makefile's offline corpora, when they sit beside the checkout
 MICRO_STEPS = 40
@@ -133,11 +135,13 @@ def imported_from(code_root: Path, workdir: Path) -> str:
     return str(Path(out[0]).parent.parent)
 
 
-def run_cli(code_root: Path, experiment: Path, overrides: list[str], workdir: Path, timeout: float) -> dict[str, Any]:
-    """``python -m orchestrator run`` in ``workdir`` with ``code_root`` first on PYTHONPATH; its wall time, exit code
-    and time-stamped output lines."""
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    command = [sys.executable, "-m", "orchestrator", "run", str(experiment), *sets]
+def run_cli(code_root: Path, experiment: Path, job: Job, workdir: Path, use_gpu: bool) -> dict[str, Any]:
+    """``python -m orchestrator run`` in ``workdir`` with ``code_root`` first on PYTHONPATH (``--use-gpu yes`` with
+    ``use_gpu``); its wall time, exit code and time-stamped output lines."""
+    sets = [arg for item in job.overrides for arg in ("--set", item)]
+    gpu = ["--use-gpu", "yes"] if use_gpu else []
+    command = [sys.executable, "-m", "orchestrator", "run", str(experiment), *sets, *gpu]
+    timeout = job.timeout_s
     start = time.perf_counter()
     proc = subprocess.Popen(
         command,
@@ -326,13 +330,16 @@ def write_micro(folder: Path, trials: int) -> Path:
     return path
 
 
-def run_job(job: Job, before: str, keep: Path | None) -> tuple[bool | None, dict[str, Any]]:
-    """plain, then before, then after; prints the job's tables."""
+def run_job(job: Job, before: str, keep: Path | None, use_gpu: bool) -> tuple[bool | None, dict[str, Any]]:
+    """plain, then before (unless ``before`` is "none"), then after; prints the job's tables."""
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as tmp:
         tmp_path = Path(tmp)
         clone = tmp_path / "before-code"
-        labels = {"before": f"{clone_at(before, clone)} (clone at {before})", "after": f"{working_tree()} ({ROOT})"}
-        codes = {"before": clone, "after": ROOT}
+        labels = {"after": f"{working_tree()} ({ROOT})"}
+        codes = {"after": ROOT}
+        if before != "none":
+            labels = {"before": f"{clone_at(before, clone)} (clone at {before})", **labels}
+            codes = {"before": clone, **codes}
         plain_dir = tmp_path / "plain"
         plain_dir.mkdir()
         print(f"{job.name}: plain ({time.strftime('%H:%M:%S')})", flush=True)
@@ -349,7 +356,7 @@ def run_job(job: Job, before: str, keep: Path | None) -> tuple[bool | None, dict
             work.mkdir()
             origin = imported_from(code, work)
             print(f"{job.name}: {side} sweep, code from {origin} ({time.strftime('%H:%M:%S')})", flush=True)
-            results[side] = run_cli(code, job.file(code, work), job.overrides, work, job.timeout_s)
+            results[side] = run_cli(code, job.file(code, work), job, work, use_gpu)
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
                 log = "\n".join(f"{t:.3f}\t{line}" for t, line in results[side]["lines"])
@@ -367,8 +374,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the micro sweep with 2 trials instead of 4")
     parser.add_argument("--main", action="store_true", help="also the main job (experiments/stride_sweep.py, long)")
     parser.add_argument(
-        "--before", default=DEFAULT_BEFORE, help=f"git ref of the before side (default {DEFAULT_BEFORE})"
+        "--before", default=DEFAULT_BEFORE, help=f"git ref of the before side (default {DEFAULT_BEFORE}; none: none)"
     )
+    parser.add_argument("--use-gpu", action="store_true", help="the sweeps with --use-gpu yes (plain: train()'s CUDA)")
     parser.add_argument("--keep", type=Path, help="write each side's time-stamped output to this folder")
     parser.add_argument("--side", choices=["plain"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -403,22 +411,32 @@ def main() -> None:
             )
         )
     failed = []
-    for job in jobs:
-        met, figures = run_job(job, args.before, args.keep)
+    for job in jobs:  # a results file per job: a run without --main keeps the main job's last figures
+        name = "orchestration" if job.name == "micro sweep" else "orchestration_main"
+        out = Report(f"gpu_{name}" if args.use_gpu else name, quick=args.quick)
+        met, figures = run_job(job, args.before, args.keep, args.use_gpu)
         failed += [f"{job.name} {side}" for side in figures["failed"]]
         walls, plain, trials = figures["walls"], figures["plain"], figures["trials"]
         per = {side: f"{overhead(w, plain, trials):.1f}" for side, w in walls.items()}
         verdict = "not measured" if met is None else "met" if met else "NOT met"
         print(f"\nper-trial overhead: before {per.get('before', '?')} s, after {per.get('after', '?')} s")
         print(f"goal <= {GOAL_S:.0f} s per trial (after): {verdict}")
-        suffix = "" if job.name == "micro sweep" else f" ({job.name})"
-        summary(
-            f"orchestration{suffix}",
-            f"{per.get('after', '?')} s/trial overhead after, {per.get('before', '?')} before "
-            f"({walls.get('after', float('nan')):.0f} s sweep vs {plain:.0f} s plain, {trials} trials)",
-            f"<= {GOAL_S:.0f} s/trial",
-            met,
+        after = walls.get("after", float("nan"))
+        out.figure(
+            f"orchestration overhead, {job.name} ({trials} trials): per trial, sweep vs the same trainings plainly",
+            f"{per.get('after', '?')} s/trial after, {per.get('before', '?')} before ({after:.0f} s sweep vs "
+            f"{plain:.0f} s plain)",
+            goal=f"<= {GOAL_S:.0f} s/trial",
+            met=met,
         )
+        if job.name == "main job":
+            out.figure(
+                "the main job (stride_sweep.py, default scale), wall",
+                f"{after / 60:.1f} min ({after:.0f} s)",
+                goal=f"<= {MAIN_GOAL_MIN} min",
+                met=after <= MAIN_GOAL_MIN * 60,
+            )
+        out.save()
     print(f"\nfinished {time.strftime('%H:%M:%S')}; machine: {machine()}")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")

@@ -2,20 +2,24 @@
 
 Blocks of training steps alternate: monitor off, monitor on (`orchestrator.system_metrics.TrialSystemMetrics` on a
 run of a throw-away SQLite store, as a trial's rank-0 worker runs it), repeated; tokens/s of each block, then the
-median of each side. Alternating blocks in one process cancel the drift of a shared machine.
+median of each side. Alternating blocks in one process cancel the drift of a shared machine. Training uses every
+core (``--threads``, default all), as a trial's worker does, so that the monitor's sampling takes its CPU from the
+training as it does in a trial, rather than from an idle core.
 
-    python benchmarks/bench_system_metrics.py [--blocks 3] [--seconds 12] [--interval 10] [--threads 1]
+    python benchmarks/bench_system_metrics.py [--quick] [--blocks 3] [--seconds 12] [--interval 10] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import Report, machine
 
 from gptcore.config import JobConfig
 from gptcore.model import GPT
@@ -37,12 +41,16 @@ def train_block(model, optimizer, batch, seconds: float) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--blocks", type=int, default=3, help="off/on pairs")
-    parser.add_argument("--seconds", type=float, default=12.0, help="length of a block")
+    parser.add_argument("--quick", action="store_true", help="2 pairs of 8 s blocks")
+    parser.add_argument("--blocks", type=int, default=None, help="off/on pairs (3)")
+    parser.add_argument("--seconds", type=float, default=None, help="length of a block (12)")
     parser.add_argument("--interval", type=float, default=10.0, help="the monitor's sampling interval, seconds")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    args.blocks = args.blocks or (2 if args.quick else 3)
+    args.seconds = args.seconds or (8.0 if args.quick else 12.0)
+    print(f"machine: {machine()}", flush=True)
 
     from mlflow import MlflowClient
 
@@ -74,11 +82,20 @@ def main() -> None:
                 print(f"block {block} monitor {side:3}: {steps} steps, {rate:,.0f} tokens/s", flush=True)
         samples = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    out = Report("system_metrics", quick=args.quick)
+    out.figure(
+        f"MLflow system-metrics monitor every {args.interval:g} s: training tokens/s on {args.threads} thread(s)",
+        f"{(on / off - 1) * 100:+.1f} % ({on:,.0f} with vs {off:,.0f} tokens/s without; micro model)",
+        ratio=on / off,
+        goal="no cost beyond the noise (>= -2 %)",
+        met=on / off >= 0.98,
+    )
     print(
         f"micro model, batch {args.batch_size} x {L}, {args.threads} thread(s): median {off:,.0f} tokens/s without "
         f"the monitor, {on:,.0f} with it (every {args.interval:g} s, {samples} samples logged): "
         f"{(on / off - 1) * 100:+.1f} %"
     )
+    out.save()
 
 
 if __name__ == "__main__":

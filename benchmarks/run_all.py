@@ -1,9 +1,12 @@
-"""Run every benchmark script, each in its own process, and print a summary of the figures against the goals.
+"""Run every benchmark script, each in its own process; print the figures against the goals; rewrite the summary.
 
-    python benchmarks/run_all.py [--quick] [--only train generate data orchestration gpu_mfu fsdp]
+    python benchmarks/run_all.py [--quick] [--only train generate ...]
 
-Each script's own output is passed through as it comes. Exits non-zero only when a script fails; a goal
-not met is a figure to report, not an error.
+Each script's own output is passed through as it comes, and each writes ``benchmarks/results/<bench>.json``; then
+``summary.py`` rewrites BENCHMARKS.md's summary table from every results file there (this run's and earlier ones').
+GPU benchmarks say "unmeasured (no GPU)" on a machine without one. The orchestration benchmark runs its micro sweep;
+the main job (``bench_orchestration.py --main``, ~30 min on 2 cores) is run by hand. Exits non-zero only when a
+script fails; a goal not met is a figure to report, not an error.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 from common import ROOT, SUMMARY, machine, parse_lines, table
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["train", "generate", "data", "orchestration", "gpu_mfu", "fsdp"]
+CPU_SCRIPTS = ["train", "generate", "data", "system_metrics", "fsdp", "orchestration"]
+SCRIPTS = [*CPU_SCRIPTS, "gpu_main", "gpu_mfu", "gpu_fsdp", "gpu_data"]  # without a GPU: "unmeasured"
 
 
 def run_script(name: str, quick: bool) -> tuple[int, float, str]:
@@ -53,6 +57,7 @@ def main() -> int:
             rows.append([r["bench"], r["figure"], r["goal"], met, f"{seconds:.0f}"])
     print(f"\n=== summary{' (--quick)' if args.quick else ''}\n")
     print(table(["benchmark", "figure", "goal", "met", "script s"], rows))
+    subprocess.run([sys.executable, str(HERE / "summary.py")], check=True)
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -30,15 +30,15 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 FSDP_VOCAB_MULTIPLE = 64
 
 
-def resolved_precision(precision: str, device_type: str, native_bf16: bool) -> str:
+def resolved_precision(precision: str, device_type: str, bf16_faster: bool) -> str:
     """``train.precision`` as a run resolves it on a device: "fp32", "bf16" or "fp16".
 
-    ``auto``: bf16 where the device computes it natively (``native_bf16``), fp16 (with a gradient scaler) on other
-    GPUs, fp32 on other CPUs, where emulated bf16 is slower than fp32.
+    ``auto``: bf16 where it is the faster (``bf16_faster``: a GPU that supports it; a CPU where it measured faster
+    for the workload, `gptcore.autoprecision`), fp16 (with a gradient scaler) on other GPUs, fp32 on other CPUs.
     """
     if precision != "auto":
         return precision
-    if native_bf16:
+    if bf16_faster:
         return "bf16"
     return "fp16" if device_type == "cuda" else "fp32"
 

@@ -62,20 +62,20 @@ class MemoryEstimate:
 
 
 def peak_memory(
-    job: JobConfig, world_size: int = 1, device_type: str = "cpu", *, native_bf16: bool | None = None
+    job: JobConfig, world_size: int = 1, device_type: str = "cpu", *, bf16_faster: bool | None = None
 ) -> MemoryEstimate:
     """The estimated peak memory of each of ``world_size`` workers training ``job`` on ``device_type`` devices.
 
-    ``native_bf16`` says whether those devices compute in bf16 natively (`gptcore.runtime.has_native_bf16`); it
-    decides ``train.precision="auto"``, and must be given for it.
+    ``bf16_faster`` says whether those devices train faster in bf16 (`gptcore.runtime.bf16_faster` of the device,
+    "train"); it decides ``train.precision="auto"``, and must be given for it.
     """
     t, c = job.train, job.model
-    if t.precision == "auto" and native_bf16 is None:
+    if t.precision == "auto" and bf16_faster is None:
         raise ValueError(
-            "train.precision=auto: pass native_bf16 (gptcore.runtime.has_native_bf16 of the device) to resolve it, "
+            "train.precision=auto: pass bf16_faster (gptcore.runtime.bf16_faster of the device) to resolve it, "
             "or set train.precision"
         )
-    precision = resolved_precision(t.precision, device_type, bool(native_bf16))
+    precision = resolved_precision(t.precision, device_type, bool(bf16_faster))
     fsdp = t.parallel == "fsdp"
     shards = world_size if fsdp else 1
     trainable = trainable_params(c)

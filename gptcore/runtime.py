@@ -9,7 +9,9 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from gptcore.autoprecision import Workload, cpu_prefers_bf16
 from gptcore.config import TrainConfig, resolved_precision
 
 
@@ -29,19 +31,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def has_native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively: a CUDA GPU that supports it, or a CPU with AVX-512 BF16 or AMX."""
+def bf16_faster(device: torch.device, workload: Workload) -> bool:
+    """Whether ``workload`` runs faster in bf16 than in fp32 on ``device``: a CUDA GPU that supports bf16 is taken to
+    (tensor cores); a CPU is measured once per machine (`gptcore.autoprecision`)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return device.type == "cpu" and cpu_prefers_bf16(workload)
 
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None = plain fp32), as `resolved_precision` rules."""
-    return AUTOCAST_DTYPES[resolved_precision(precision, device.type, has_native_bf16(device))]
+def resolve_precision(precision: str, device: torch.device, workload: Workload) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` when it does ``workload`` ("train" or "sample"; None =
+    plain fp32), as `resolved_precision` rules. Only ``auto`` depends on the workload."""
+    faster = precision == "auto" and bf16_faster(device, workload)  # nothing measured for an explicit precision
+    return AUTOCAST_DTYPES[resolved_precision(precision, device.type, faster)]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -57,7 +62,18 @@ def prepare_process(train: TrainConfig, device: torch.device, rank: int) -> torc
         if train.num_threads:
             torch.set_num_threads(train.num_threads)
     set_seed(train.seed + rank)
-    return resolve_precision(train.precision, device)
+    dtype = resolve_precision(train.precision, device, "train")
+    if train.precision == "auto" and device.type == "cpu" and dist.is_initialized() and dist.get_world_size() > 1:
+        dtype = _rank0s(dtype)
+    return dtype
+
+
+def _rank0s(dtype: torch.dtype | None) -> torch.dtype | None:
+    """Rank 0's autocast dtype on every rank (a collective): CPU ranks on other machines measure ``auto`` each on
+    their own and could differ, which would train the ranks' shares of the model in different precisions."""
+    choice = [dtype]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def keep_freed_memory_mapped() -> None:

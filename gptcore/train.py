@@ -38,7 +38,7 @@ from gptcore.parallel import (
     set_gradient_sync,
     shard_model,
 )
-from gptcore.runtime import autocast, prepare_process, resolve_device
+from gptcore.runtime import autocast, prepare_process, resolve_device, resolve_precision
 
 
 def build_model(config: JobConfig, device: torch.device) -> tuple[GPT, dict[str, Any]]:
@@ -291,7 +291,8 @@ def evaluate_and_report(run: Run, checkpoint: bool, extra: dict[str, float]) -> 
     want_sample = t.sample_every is None or (t.sample_every > 0 and state.step % t.sample_every == 0)
     sample = None
     if want_sample and t.sample_max_new_tokens > 0 and (ctx.is_main or is_sharded(run.model)):
-        sample = sample_text(ctx.model, t, step=state.step, device=ctx.device, dtype=ctx.dtype, is_main=ctx.is_main)
+        dtype = resolve_precision(t.precision, ctx.device, "sample")  # auto may differ from training's (measured)
+        sample = sample_text(ctx.model, t, step=state.step, device=ctx.device, dtype=dtype, is_main=ctx.is_main)
     save = run.checkpoints.saver(state) if checkpoint else None  # a collective, on every rank
     run.hooks.on_eval(ctx, state, metrics, sample, save)
     return metrics

@@ -222,7 +222,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model, _ = load_model(local_copy(args.checkpoint, Path(tmp)), device=device)
-    dtype = resolve_precision(args.precision, device)
+    dtype = resolve_precision(args.precision, device, "sample")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with autocast(device, dtype):
         texts = generate_text(

@@ -38,7 +38,7 @@ def sample_and_measure(
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    dtype = resolve_precision(config.precision, device)
+    dtype = resolve_precision(config.precision, device, "sample")
     started = time.perf_counter()
     prompts, continuations, lines = [], [], []
     for i, prompt in enumerate(config.prompts):

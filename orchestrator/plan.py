@@ -212,7 +212,7 @@ def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], l
 def worker_memory(plan: Plan, job: JobConfig) -> int:
     """Bytes one worker of ``job`` holds at its peak (`gptcore.memory`: live tensors), on the plan's device."""
     device_type = _device_type(plan)
-    return peak_memory(job, plan.workers, device_type, native_bf16=_native_bf16(device_type)).total
+    return peak_memory(job, plan.workers, device_type, bf16_faster=_native_bf16(device_type)).total
 
 
 def _device_type(plan: Plan) -> str:
@@ -267,15 +267,15 @@ def check_memory(plan: Plan, address: str | None) -> None:
 
 
 def _native_bf16(device_type: str) -> bool:
-    """Whether the workers compute bf16 natively, for ``train.precision=auto``: GPUs are taken to (every GPU since
-    the A100 does); CPUs are taken to be this machine's kind."""
+    """Whether the workers train faster in bf16, for ``train.precision=auto``: GPUs are taken to (every GPU since the
+    A100 does); CPUs are taken to be this machine's kind, as its measurement says (`gptcore.runtime.bf16_faster`)."""
     if device_type == "cuda":
         return True
     import torch
 
-    from gptcore.runtime import has_native_bf16
+    from gptcore.runtime import bf16_faster
 
-    return has_native_bf16(torch.device("cpu"))
+    return bf16_faster(torch.device("cpu"), "train")
 
 
 def _train_windows(job: JobConfig, storage: str) -> int | None:

@@ -53,7 +53,7 @@ class GptcoreModel(mlflow.pyfunc.PythonModel):
 
         self.device = resolve_device("auto")
         self.model, _ = load_model(context.artifacts["checkpoint"], device=self.device)
-        self.dtype = resolve_precision("auto", self.device)
+        self.dtype = resolve_precision("auto", self.device, "sample")
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         from gptcore.runtime import autocast

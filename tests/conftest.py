@@ -40,6 +40,17 @@ def tiny_job(**sections):
     return JobConfig.from_dict(raw)
 
 
+def cache_precision_timings(cache: Path, **workloads: tuple[float, float]) -> None:
+    """Put measured (fp32, bf16) seconds per workload in the precision cache under ``cache`` for this machine, as
+    `gptcore.autoprecision` writes them: what ``precision=auto`` then decides without measuring."""
+    import json
+
+    from gptcore.autoprecision import CACHE_FILE, machine_key
+
+    entry = {name: {"fp32_s": fp32, "bf16_s": bf16} for name, (fp32, bf16) in workloads.items()}
+    (cache / CACHE_FILE).write_text(json.dumps({machine_key(): entry}))
+
+
 @pytest.fixture(scope="session")
 def studies(tmp_path_factory):
     """Every study run once (`tests.studies`); (work folder, {name: (exit code, output)})."""

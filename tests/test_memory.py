@@ -176,20 +176,20 @@ def test_gradient_accumulation_holds_gradients_while_activations_peak():
 
 
 def test_auto_precision_is_resolved_as_the_run_resolves_it():
-    assert resolved_precision("auto", "cpu", native_bf16=False) == "fp32"
-    assert resolved_precision("auto", "cpu", native_bf16=True) == "bf16"
-    assert resolved_precision("auto", "cuda", native_bf16=False) == "fp16"
-    assert resolved_precision("fp32", "cuda", native_bf16=True) == "fp32"
+    assert resolved_precision("auto", "cpu", bf16_faster=False) == "fp32"
+    assert resolved_precision("auto", "cpu", bf16_faster=True) == "bf16"
+    assert resolved_precision("auto", "cuda", bf16_faster=False) == "fp16"
+    assert resolved_precision("fp32", "cuda", bf16_faster=True) == "fp32"
     auto = JobConfig.from_dict({"model": {"preset": "tiny"}})
-    with pytest.raises(ValueError, match="native_bf16"):
+    with pytest.raises(ValueError, match="bf16_faster"):
         peak_memory(auto)
-    assert peak_memory(auto, native_bf16=True).autocast > 0
-    assert peak_memory(auto, native_bf16=False).autocast == 0
+    assert peak_memory(auto, bf16_faster=True).autocast > 0
+    assert peak_memory(auto, bf16_faster=False).autocast == 0
 
 
 def test_estimating_does_not_import_torch():
     code = (
         "import sys; from gptcore.config import JobConfig; from gptcore.memory import peak_memory; "
-        "peak_memory(JobConfig(), world_size=8, native_bf16=True); assert 'torch' not in sys.modules"
+        "peak_memory(JobConfig(), world_size=8, bf16_faster=True); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
