@@ -10,15 +10,16 @@ same arithmetic, without the gathers that spread it over several.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from gptcore.config import JobConfig
+from gptcore.config import DataConfig, JobConfig
 
 CALIBRATION_STEPS = 2  # one warm-up step, then the one that is timed: a few seconds for a GPT-2 small on 2 cores
 
 
 def calibration_job(job: JobConfig) -> JobConfig:
-    """``job`` as one worker on this machine's CPU, from scratch, for `CALIBRATION_STEPS` steps; nothing else of it
-    changes what a step costs."""
+    """``job`` as one worker on this machine's CPU, from scratch, for `CALIBRATION_STEPS` steps, on no corpus of its
+    own: what is left is what a step costs (two trials of one model and batch have one calibration job)."""
     train = dataclasses.replace(
         job.train,
         max_steps=CALIBRATION_STEPS,
@@ -29,11 +30,16 @@ def calibration_job(job: JobConfig) -> JobConfig:
         parallel="ddp",
         fsdp_cpu_offload=False,
     )
-    return dataclasses.replace(job, train=train)
+    return dataclasses.replace(job, train=train, data=DataConfig())
 
 
 def calibrate(job: JobConfig) -> float:
     """Tokens per second that one worker of ``job`` trains at on this machine's CPU."""
+    return _tokens_per_sec(calibration_job(job))
+
+
+@functools.cache  # a process measures a calibration job once (a dry run asks per trial, tests ask again)
+def _tokens_per_sec(job: JobConfig) -> float:
     import numpy as np
     import torch
 
@@ -41,7 +47,6 @@ def calibrate(job: JobConfig) -> float:
     from gptcore.hooks import Hooks
     from gptcore.train import setup, train_step
 
-    job = calibration_job(job)
     context = job.model.context_length
     windows = CALIBRATION_STEPS * job.train.windows_per_step(1)
     tokens = np.random.default_rng(0).integers(0, job.model.vocab_size, size=windows * context + 1, dtype=np.int64)

@@ -244,8 +244,11 @@ def here_seconds(
     from orchestrator.calibration import CALIBRATION_STEPS, calibrate, calibration_job
 
     gpu_name = _local_gpu(plan)
+    if plan.use_gpu is True and gpu_name is None:
+        lines.append("here: unknown, this machine has no GPU for trials that need one")
+        return {trial.name: None for trial in plan.trials}
     _, misfits = memory_misfits(plan)
-    speeds: dict[str, float] = {}
+    calibrated: set[JobConfig] = set()
     started = time.perf_counter()
     seconds: dict[str, float | None] = {}
     for trial in plan.trials:
@@ -260,15 +263,13 @@ def here_seconds(
         elif gpu_name:
             seconds[trial.name] = None  # a GPU of no known peak, and no calibration on GPUs
         else:
-            key = repr((job.model, calibration_job(job).train))  # the data (its stride, its corpus) costs no time
-            if key not in speeds:
-                speeds[key] = calibrate(job)
-            seconds[trial.name] = calibrated_seconds(length.tokens, plan.workers, speeds[key])
-    if speeds:
+            calibrated.add(calibration_job(job))
+            seconds[trial.name] = calibrated_seconds(length.tokens, plan.workers, calibrate(job))
+    if calibrated:
         scaling = f"; {plan.workers} workers taken to scale linearly" if plan.workers > 1 else ""
         lines.append(
             f"here: this machine's CPU, {CALIBRATION_STEPS - 1} of {CALIBRATION_STEPS} real training steps of each "
-            f"model timed ({len(speeds)} model(s), {time.perf_counter() - started:.0f} s){scaling}"
+            f"model timed ({len(calibrated)} model(s), {time.perf_counter() - started:.0f} s){scaling}"
         )
     elif gpu_name and not (options.peak_flops or peak_flops_of(gpu_name)):
         lines.append(f"here: {gpu_name} has no known peak FLOP/s; --peak-flops gives one")
