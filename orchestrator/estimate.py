@@ -63,13 +63,12 @@ def measured_mfu(tracking_uri: str, experiment: str) -> tuple[float, str] | None
     from urllib.parse import urlparse
 
     parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and not Path(parsed.path).is_file():
+    if parsed.scheme in ("sqlite", "file") and not Path(parsed.path).exists():  # opening a store would create it
         return None
     from mlflow import MlflowClient
 
-    from orchestrator.tracking import ROLE_TAG, STATUS_TAG, check_reachable
+    from orchestrator.tracking import ROLE_TAG, STATUS_TAG
 
-    check_reachable(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -88,11 +87,16 @@ def measured_mfu(tracking_uri: str, experiment: str) -> tuple[float, str] | None
 
 def choose_mfu(options: SweepOptions, plan: Plan) -> Mfu:
     """The user's ``--mfu``, else the experiment's measured MFU, else `ASSUMED_MFU`, each said as what it is."""
-    from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.tracking import TrackingError, check_reachable, resolve_tracking_uri
 
     if options.mfu is not None:
         return Mfu(options.mfu, "given (--mfu)")
-    measured = measured_mfu(resolve_tracking_uri(options.tracking_uri, options.workdir), plan.experiment.name)
+    uri = resolve_tracking_uri(options.tracking_uri, options.workdir)
+    try:
+        check_reachable(uri)
+    except TrackingError:  # a dry run plans without the server; the run itself refuses to start without it
+        return Mfu(ASSUMED_MFU, f"assumed: the MLflow server {uri} is unreachable; --mfu sets it")
+    measured = measured_mfu(uri, plan.experiment.name)
     if measured:
         return Mfu(*measured)
     return Mfu(ASSUMED_MFU, f"assumed: no finished trial of {plan.experiment.name} in MLflow logged one; --mfu sets it")
