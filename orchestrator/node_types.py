@@ -79,10 +79,10 @@ def cluster_yaml_node_types(path: Path) -> list[NodeType]:
 def live_node_types() -> list[NodeType]:
     """The connected Ray cluster's alive nodes grouped by what they offer (named by one node's address and how many
     are alike), and, on its head, the node types its autoscaler may still start."""
-    groups: dict[tuple, list[str]] = {}
-    shapes: dict[tuple, dict[str, Any]] = {}
     import ray
 
+    groups: dict[tuple, list[str]] = {}  # what a node offers -> the addresses of the nodes that offer it
+    shapes: dict[tuple, dict[str, Any]] = {}
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
