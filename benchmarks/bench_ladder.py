@@ -1,8 +1,8 @@
 """Per-trial overhead of a ladder of many small trials (issue 25): the scaling ladder's wall time against the sum of its
 trials' training time, and the dry run's time estimate of each trial against that training time.
 
-Runs, in a fresh temporary work folder, ``python -m orchestrator run experiments/scaling_ladder.py --dry-run`` (its
-estimate on this machine: a calibration of each model, `orchestrator.estimate`) and then the ladder itself, timing the
+Runs, in a fresh temporary work folder, ``python -m orchestrator run experiments/scaling_ladder.py --dry-run
+--calibrate`` (its estimate on this machine: 2 real steps of each model timed, `orchestrator.estimate`) and then the ladder itself, timing the
 CLI process from start to exit. Each trial's training time is the ``wall_time_s`` its worker logged in MLflow (the
 training loop from its first step to its last, evaluation included: `gptcore.train.train`). Overhead = ladder wall -
 sum of training; it holds Ray's start, each trial's start (process, imports, data, model) and end (report, MLflow),
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"commit: {commit.stdout.strip()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
     with tempfile.TemporaryDirectory(prefix="bench-ladder-") as tmp:
         work = Path(tmp)
-        dry_run, dry_wall = cli(work, "run", str(LADDER), "--dry-run")
+        dry_run, dry_wall = cli(work, "run", str(LADDER), "--dry-run", "--calibrate")
         estimates = estimated_here(dry_run)
         _, wall = cli(work, "run", str(LADDER))
         trained = training_times(work)

@@ -64,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         peak_flops=args.peak_flops,
         mfu=args.mfu,
         prices=args.prices,
+        calibrate=args.calibrate,
     )
     plan = None if args.resume else make_plan(experiment, options)  # every trial validated before anything starts
     if args.dry_run:
@@ -361,6 +362,9 @@ def _add_estimate_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--peak-flops", type=_positive, metavar="F", help="dry run: peak FLOP/s per GPU (default: table)")
     run.add_argument("--mfu", type=_fraction, help="dry run: the MFU to assume (default: measured in MLflow, else 0.4)")
     run.add_argument("--prices", metavar="FILE", help="dry run: USD per node-hour by node type (default ./prices.yaml)")
+    run.add_argument(
+        "--calibrate", action="store_true", help="dry run: time a few training steps of each model on this CPU"
+    )
 
 
 def _positive(text: str) -> float:

@@ -6,8 +6,9 @@ The rules, one function each:
   is the datasheet's (`gptcore.hardware.peak_flops_of`) unless ``run --peak-flops`` gives one; the MFU is the one the
   experiment's finished trials logged in MLflow (`measured_mfu`), else ``run --mfu``, else `ASSUMED_MFU`, said as
   an assumption.
-- On this machine's CPU (`calibrated_seconds`): tokens / (workers x the tokens/s a few real steps of the trial's model
-  took here, `orchestrator.calibration`); workers are taken to scale linearly, which is said. A CPU elsewhere (a
+- On this machine's CPU (`calibrated_seconds`), with ``run --calibrate``: tokens / (workers x the tokens/s a few real
+  steps of the trial's model took here, `orchestrator.calibration`); workers are taken to scale linearly, which is
+  said. Without it, "unknown": timing steps takes seconds per model, minutes for a large one, so a dry run asks. A CPU elsewhere (a
   cluster's CPU node) has no known speed: "unknown", unless ``--peak-flops`` names one.
 - Cost (`cost`): hours x nodes x price per node-hour (`orchestrator.prices`), on-demand and spot, on the node type
   `cheapest` picks among those the trial fits (`orchestrator.plan.node_type_fits`).
@@ -243,8 +244,8 @@ def here_seconds(
     plan: Plan, lengths: dict[str, TrialLength], options: SweepOptions, mfu: Mfu, lines: list[str]
 ) -> dict[str, float | None]:
     """Each trial's seconds on this machine (a local Ray): on its GPUs from their peak and the MFU, on its CPU from a
-    calibration of each distinct model (or ``--peak-flops``); None for a trial that does not fit here. Says how in
-    ``lines``."""
+    calibration of each distinct model (``--calibrate``) or ``--peak-flops``; None for a trial that does not fit
+    here, or a CPU not calibrated. Says how in ``lines``."""
     from orchestrator.calibration import CALIBRATION_STEPS, calibrate, calibration_job
 
     gpu_name = _local_gpu(plan)
@@ -264,8 +265,8 @@ def here_seconds(
         peak = options.peak_flops or (peak_flops_of(gpu_name) if gpu_name else None)
         if peak:
             seconds[trial.name] = gpu_seconds(flops, plan.workers, peak, mfu.value)
-        elif gpu_name:
-            seconds[trial.name] = None  # a GPU of no known peak, and no calibration on GPUs
+        elif gpu_name or not options.calibrate:
+            seconds[trial.name] = None  # a GPU of no known peak (no calibration on GPUs), or a CPU not timed
         else:
             calibrated.add(calibration_job(job))
             seconds[trial.name] = calibrated_seconds(length.tokens, plan.workers, calibrate(job))
@@ -277,6 +278,11 @@ def here_seconds(
         )
     elif gpu_name and not (options.peak_flops or peak_flops_of(gpu_name)):
         lines.append(f"here: {gpu_name} has no known peak FLOP/s; --peak-flops gives one")
+    elif not gpu_name and not options.peak_flops:
+        lines.append(
+            f"here: unknown, a CPU has no peak FLOP/s; --calibrate times {CALIBRATION_STEPS} real training steps of "
+            "each model here (seconds for small models, ~10 s for a gpt2-small on 2 cores)"
+        )
     return seconds
 
 

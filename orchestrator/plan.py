@@ -44,6 +44,7 @@ class SweepOptions:
     peak_flops: float | None = None  # FLOP/s per device, instead of the datasheet table
     mfu: float | None = None  # instead of the measured or assumed one
     prices: str | None = None  # prices file, instead of ./prices.yaml
+    calibrate: bool = False  # time a few real training steps here (a CPU has no peak FLOP/s)
 
 
 @dataclass
