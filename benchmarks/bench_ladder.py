@@ -2,11 +2,11 @@
 trials' training time, and the dry run's time estimate of each trial against that training time.
 
 Runs, in a fresh temporary work folder, ``python -m orchestrator run experiments/scaling_ladder.py --dry-run
---calibrate`` (its estimate on this machine: 2 real steps of each model timed, `orchestrator.estimate`) and then the ladder itself, timing the
-CLI process from start to exit. Each trial's training time is the ``wall_time_s`` its worker logged in MLflow (the
-training loop from its first step to its last, evaluation included: `gptcore.train.train`). Overhead = ladder wall -
-sum of training; it holds Ray's start, each trial's start (process, imports, data, model) and end (report, MLflow),
-and the report and registry at the end.
+--calibrate`` (its estimate on this machine: 2 real steps of each model timed, `orchestrator.estimate`) and then the
+ladder itself, timing the CLI process from start to exit. Each trial's training time is the ``wall_time_s`` its
+worker logged in MLflow (the training loop from its first step to its last, evaluation included:
+`gptcore.train.train`). Overhead = ladder wall - sum of training; it holds Ray's start, each trial's start (process,
+imports, data, model) and end (report, MLflow), and the report and registry at the end.
 
     flock /tmp/ray.lock timeout 600 python benchmarks/bench_ladder.py [--keep DIR]
 """

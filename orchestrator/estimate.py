@@ -8,8 +8,8 @@ The rules, one function each:
   an assumption.
 - On this machine's CPU (`calibrated_seconds`), with ``run --calibrate``: tokens / (workers x the tokens/s a few real
   steps of the trial's model took here, `orchestrator.calibration`); workers are taken to scale linearly, which is
-  said. Without it, "unknown": timing steps takes seconds per model, minutes for a large one, so a dry run asks. A CPU elsewhere (a
-  cluster's CPU node) has no known speed: "unknown", unless ``--peak-flops`` names one.
+  said. Without it, "unknown": timing steps takes seconds per model, minutes for a large one, so a dry run asks. A
+  CPU elsewhere (a cluster's CPU node) has no known speed: "unknown", unless ``--peak-flops`` names one.
 - Cost (`cost`): hours x nodes x price per node-hour (`orchestrator.prices`), on-demand and spot, on the node type
   `cheapest` picks among those the trial fits (`orchestrator.plan.node_type_fits`).
 """
