@@ -19,7 +19,7 @@ from gptcore.corpus import check_windows, plan_corpus, window_count
 from gptcore.memory import peak_memory
 from gptcore.shards import DataError, Manifest, read_manifest
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
-from orchestrator.node_types import NodeType, fits, uses_gpu, workers_per_node
+from orchestrator.node_types import NodeType, fits, live_node_types, uses_gpu, workers_per_node
 from orchestrator.prepare import dataset_location, prepare, read_dataset_manifest, stage_locally
 from orchestrator.settings import torch_threads
 from orchestrator.sweep_error import SweepError
@@ -323,17 +323,21 @@ def cluster_memory_lines(plan: Plan, node_types: list[NodeType], source: str) ->
     return lines
 
 
-def check_cluster_memory(plan: Plan, node_types: list[NodeType], source: str) -> None:
-    """Before anything of the sweep is written on a cluster: a trial whose workers fit none of its node types would
-    never be placed, or die mid-run, so it is refused, naming what to change."""
-    misfits = cluster_misfits(plan, node_types)
+def check_cluster_memory(plan: Plan, use_gpu: bool, address: str | None) -> None:
+    """Once a joined cluster (``address``, or ``RAY_ADDRESS``) is up, before anything of the sweep is written: a trial
+    whose workers fit none of its node types (on GPUs or CPUs, as ``use_gpu`` was resolved) would never be placed, or
+    die mid-run, so it is refused, naming what to change."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or plan.experiment.is_decode:
+        return
+    node_types, resolved = live_node_types(), dataclasses.replace(plan, use_gpu=use_gpu)
+    misfits = cluster_misfits(resolved, node_types)
     if misfits:
         name, need = next(iter(misfits.items()))
-        gpu = uses_gpu(plan.use_gpu, node_types)
-        kinds = ", ".join(t.describe() for t in node_types if workers_per_node(t, plan.cpus_per_worker, gpu))
+        kinds = ", ".join(t.describe() for t in node_types if workers_per_node(t, plan.cpus_per_worker, use_gpu))
         raise SweepError(
-            f"trial {name} needs {need:.1f} GiB per worker at its peak ({'on a GPU' if gpu else 'in RAM'}), more "
-            f"than any node type of {source} has ({kinds}); {CLUSTER_MEMORY_FIX}"
+            f"trial {name} needs {need:.1f} GiB per worker at its peak ({'on a GPU' if use_gpu else 'in RAM'}), more "
+            f"than any node type of the Ray cluster at {address} has ({kinds}); {CLUSTER_MEMORY_FIX}"
         )
 
 

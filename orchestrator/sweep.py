@@ -27,7 +27,6 @@ from orchestrator.decode_plan import resolve_checkpoints
 from orchestrator.decode_trial import decode_trainable
 from orchestrator.decoding import is_decode
 from orchestrator.experiment import ASHA, Experiment
-from orchestrator.node_types import live_node_types
 from orchestrator.plan import (
     Plan,
     SweepOptions,
@@ -144,9 +143,8 @@ def _open(
     artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
     connect_ray(options.address)
     try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
-        if options.address and not experiment.is_decode:
-            check_cluster_memory(plan, live_node_types(), f"the Ray cluster at {options.address}")
         use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+        check_cluster_memory(plan, use_gpu, options.address)
         check_cpus(plan.cpus_per_worker, wait_for_resources)
         datasets = {} if experiment.is_decode else prepare_data(plan.trials, storage)
         tracker = SweepTracker(uri, experiment.name, artifact_root=artifact_root)
