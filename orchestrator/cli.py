@@ -359,7 +359,9 @@ def _add_run(verbs: argparse._SubParsersAction) -> None:
 
 def _add_estimate_options(run: argparse.ArgumentParser) -> None:
     """What the dry run's time and cost estimates take (`orchestrator.estimate`)."""
-    run.add_argument("--peak-flops", type=_positive, metavar="F", help="dry run: peak FLOP/s per GPU (default: table)")
+    run.add_argument(
+        "--peak-flops", type=_positive, metavar="F", help="dry run: peak FLOP/s per device (default: a GPU table)"
+    )
     run.add_argument("--mfu", type=_fraction, help="dry run: the MFU to assume (default: measured in MLflow, else 0.4)")
     run.add_argument("--prices", metavar="FILE", help="dry run: USD per node-hour by node type (default ./prices.yaml)")
     run.add_argument(
