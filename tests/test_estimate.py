@@ -3,8 +3,11 @@ a trial that fits none of them, or a bad prices file, refused before anything ru
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,24 +196,27 @@ def test_a_bad_prices_file_is_one_line_and_exit_2(capsys, work, prices, message)
     assert not (work / "ray_results").exists() and not (work / "mlruns.db").exists()
 
 
-def test_a_trial_that_fits_no_node_of_the_cluster_is_refused_before_anything_is_written(capsys, tmp_path, monkeypatch):
+def test_a_trial_that_fits_no_node_of_the_cluster_is_refused_before_anything_is_written(tmp_path):
     """--address: the running cluster's nodes (here one head of 1 CPU) are the node types; a CPU trial whose worker
     needs more than a node's RAM (Ray's memory resource) is named by the dry run and refused by the run, before a
-    run is recorded or a file is written."""
-    monkeypatch.chdir(tmp_path)
+    run is recorded or a file is written. (The CLI in its own process, as a driver joining a token-auth cluster is:
+    Ray keeps the first token a process used.)"""
     wide = ["--set", "model.d_model=1000000", "--set", "model.n_heads=1", "--cpus-per-worker", "1"]
     with ray_cluster(tmp_path, workers=0) as cluster:
-        for key, value in cluster.env.items():
-            monkeypatch.setenv(key, value)
-        argv = ["run", str(STRIDE_SWEEP), "--address", cluster.address, *wide]
-        assert main([*argv, "--dry-run"]) == 0
-        lines = capsys.readouterr().out.splitlines()
-        assert f"memory per worker (in RAM) vs the node types of the Ray cluster at {cluster.address}:" in lines
-        (node,) = [line for line in lines if line.startswith("  node ")]  # the head, named by its address
-        assert "(1 CPU, " in node and node.endswith("GiB RAM): 0 of 2 trial(s) fit")
-        assert main(argv) == 2
-    err = capsys.readouterr().err  # after Ray's own lines on joining the cluster
-    (error,) = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert error.startswith("error: trial 000_stride=256 needs ") and err.endswith(error + "\n")
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            argv = [sys.executable, "-m", "orchestrator", "run", str(STRIDE_SWEEP), "--address", cluster.address]
+            env = {**os.environ, **cluster.env}
+            return subprocess.run([*argv, *wide, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+        planned, refused = cli("--dry-run"), cli()
+    assert planned.returncode == 0, planned.stderr
+    lines = planned.stdout.splitlines()
+    assert f"memory per worker (in RAM) vs the node types of the Ray cluster at {cluster.address}:" in lines
+    (node,) = [line for line in lines if line.startswith("  node ")]  # the head, named by its address
+    assert "(1 CPU, " in node and node.endswith("GiB RAM): 0 of 2 trial(s) fit")
+    (error,) = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]  # after Ray's own lines
+    assert refused.returncode == 2 and refused.stderr.endswith(error + "\n")
+    assert error.startswith("error: trial 000_stride=256 needs ")
     assert f"more than any node type of the Ray cluster at {cluster.address} (node " in error and "(1 CPU, " in error
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns.db").exists()
