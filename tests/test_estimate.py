@@ -219,5 +219,6 @@ def test_a_trial_that_fits_no_node_of_the_cluster_is_refused_before_anything_is_
     (error,) = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]  # after Ray's own lines
     assert refused.returncode == 2 and refused.stderr.endswith(error + "\n")
     assert error.startswith("error: trial 000_stride=256 needs ")
-    assert f"more than any node type of the Ray cluster at {cluster.address} (node " in error and "(1 CPU, " in error
+    assert f"more than any node type of the Ray cluster at {cluster.address} has (node " in error
+    assert "(1 CPU, " in error and "lower train.batch_size" in error
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns.db").exists()
