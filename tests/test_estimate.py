@@ -197,6 +197,7 @@ def test_a_bad_prices_file_is_one_line_and_exit_2(capsys, work, prices, message)
     assert not (work / "ray_results").exists() and not (work / "mlruns.db").exists()
 
 
+@pytest.mark.ray
 def test_a_trial_that_fits_no_node_of_the_cluster_is_refused_before_anything_is_written(tmp_path):
     """--address: the running cluster's nodes (here one head of 1 CPU) are the node types; a CPU trial whose worker
     needs more than a node's RAM (Ray's memory resource) is named by the dry run and refused by the run, before a
