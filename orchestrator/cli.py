@@ -40,8 +40,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.dry_run import describe_plan
     from orchestrator.experiment import load_experiment, parse_overrides
-    from orchestrator.plan import SweepOptions, describe_plan, make_plan
+    from orchestrator.plan import SweepOptions, make_plan
     from orchestrator.resume import refuse_changes_on_resume
     from orchestrator.sweep import exit_code, run_sweep
 
@@ -60,6 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         use_gpu=use_gpu,
         cpus_per_worker=args.cpus_per_worker,
         experiment_file=str(Path(args.experiment).absolute()),
+        peak_flops=args.peak_flops,
+        mfu=args.mfu,
+        prices=args.prices,
+        calibrate=args.calibrate,
     )
     plan = None if args.resume else make_plan(experiment, options)  # every trial validated before anything starts
     if args.dry_run:
@@ -348,7 +353,34 @@ def _add_run(verbs: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--wait-for-resources", action="store_true", help="wait for GPUs to appear (autoscaling) instead of failing"
     )
+    _add_estimate_options(run)
     run.set_defaults(func=cmd_run)
+
+
+def _add_estimate_options(run: argparse.ArgumentParser) -> None:
+    """What the dry run's time and cost estimates take (`orchestrator.estimate`)."""
+    run.add_argument(
+        "--peak-flops", type=_positive, metavar="F", help="dry run: peak FLOP/s per device (default: a GPU table)"
+    )
+    run.add_argument("--mfu", type=_fraction, help="dry run: the MFU to assume (default: measured in MLflow, else 0.4)")
+    run.add_argument("--prices", metavar="FILE", help="dry run: USD per node-hour by node type (default ./prices.yaml)")
+    run.add_argument(
+        "--calibrate", action="store_true", help="dry run: time a few training steps of each model on this CPU"
+    )
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number (e.g. 312e12)")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1] (e.g. 0.35)")
+    return value
 
 
 def _add_prepare(verbs: argparse._SubParsersAction) -> None:

@@ -1,4 +1,5 @@
-"""A sweep's plan, made on the driver before Ray starts: its trials and their resources, checked, and the dry run.
+"""A sweep's plan, made on the driver before Ray starts: its trials and their resources, checked (the dry run's text
+is `orchestrator.dry_run`'s).
 
 A training sweep's corpora are checked (and prepared) here and its ``train.init_from`` sources checked against each
 trial's model; a decode sweep's checkpoints are `orchestrator.decode_plan`'s.
@@ -17,13 +18,11 @@ from gptcore.config import ConfigError, JobConfig
 from gptcore.corpus import check_windows, plan_corpus, window_count
 from gptcore.memory import peak_memory
 from gptcore.shards import DataError, Manifest, read_manifest
-from orchestrator.decode_plan import decode_rows
 from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.node_types import NodeType, fits, live_node_types, uses_gpu, workers_per_node
 from orchestrator.prepare import dataset_location, prepare, read_dataset_manifest, stage_locally
 from orchestrator.settings import torch_threads
-from orchestrator.storage import absolute_storage
 from orchestrator.sweep_error import SweepError
-from orchestrator.tracking import resolve_tracking_uri
 
 
 @dataclass
@@ -41,6 +40,11 @@ class SweepOptions:
     cpus_per_worker: float | None = None
     experiment_file: str = ""
     workdir: str = field(default_factory=lambda: str(Path.cwd()))
+    # the dry run's time and cost estimates (`orchestrator.estimate`)
+    peak_flops: float | None = None  # FLOP/s per device, instead of the datasheet table
+    mfu: float | None = None  # instead of the measured or assumed one
+    prices: str | None = None  # prices file, instead of ./prices.yaml
+    calibrate: bool = False  # time a few real training steps here (a CPU has no peak FLOP/s)
 
 
 @dataclass
@@ -146,39 +150,7 @@ def concurrency_limit(experiment: Experiment, options: SweepOptions) -> int | No
     return options.max_concurrent or experiment.max_concurrent
 
 
-def describe_plan(plan: Plan, options: SweepOptions) -> str:
-    """The dry-run text: every trial, its grid values and resources, and where results go."""
-    gpu = {True: "1 GPU", False: "no GPU", "auto": "GPU if the cluster has one"}[plan.use_gpu]
-    lines = [
-        f"experiment {plan.experiment.name}: {len(plan.trials)} trial(s), metric {plan.experiment.metric} "
-        f"({plan.experiment.mode})",
-        f"resources per trial: {plan.workers} worker(s) x ({plan.cpus_per_worker:g} CPU, {gpu})"
-        + (f", at most {plan.max_concurrent} concurrent" if plan.max_concurrent else ""),
-        f"storage: {absolute_storage(options.storage, options.workdir)}",
-        f"tracking: {resolve_tracking_uri(options.tracking_uri, options.workdir)}",
-        f"ray: {options.address or 'a local Ray started for this run'}",
-    ]
-    if plan.experiment.scheduler:
-        lines.append(f"scheduler: {plan.experiment.scheduler}")
-    if not (options.address or os.environ.get("RAY_ADDRESS")):
-        have, misfits = memory_misfits(plan)
-        if misfits:
-            needs = ", ".join(f"{name} needs {need:.1f} GiB" for name, need in misfits.items())
-            lines.append(f"memory: {have}; does not fit: {needs}; {MEMORY_FIX}")
-        elif have:
-            lines.append(f"memory: {have}; every trial fits")
-    keys = list(plan.experiment.grid)
-    if plan.experiment.is_decode:
-        header, rows = decode_rows(plan.trials, keys)
-    else:
-        header, rows = _train_rows(plan, keys, absolute_storage(options.storage, options.workdir))
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
-    return "\n".join(lines)
-
-
-def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], list[list[str]]]:
+def train_rows(plan: Plan, keys: list[str], lengths: dict[str, TrialLength]) -> tuple[list[str], list[list[str]]]:
     """Per trial: its grid values, model, length, and what it costs: parameters, the tokens it trains on and their
     training FLOPs (`gptcore.accounting`), and its peak memory per worker (`gptcore.memory`, live tensors); a length
     that depends on a corpus not prepared yet is said to."""
@@ -187,26 +159,45 @@ def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], l
         job = trial.job
         steps = f"{job.train.epochs} epoch(s)" + (f" <= {job.train.max_steps} steps" if job.train.max_steps else "")
         model = f"{job.model.n_layers}x{job.model.d_model} ctx {job.model.context_length}"
-        windows = _train_windows(job, storage)
-        bounds = [s for s in (job.train.max_steps, budget_steps(job, plan.workers)) if s]
-        if windows is None and bounds:  # at most so many full steps, whatever the corpus
-            most = min(bounds) * job.train.windows_per_step(plan.workers) * job.model.context_length
-            steps_total, tokens = f"<= {min(bounds)}", f"<= {_si(most)}"
-            flops = f"<= {training_flops(job.model, most):.2e}"
-        elif windows is None:
+        length = lengths[trial.name]
+        bound = "<= " if length.at_most else ""
+        if length.tokens is None:
             steps_total, tokens, flops = "?", "after preparation", "?"
         else:
-            try:
-                length = run_length(job, windows, plan.workers)
-            except ValueError as exc:  # as the run refuses it (`check_data`)
-                raise ExperimentError(f"trial {trial.name}: {exc}") from None
-            steps_total, tokens = str(length.total_steps), _si(length.tokens)
-            flops = f"{training_flops(job.model, length.tokens):.2e}"
+            steps_total, tokens = f"{bound}{length.steps}", f"{bound}{_si(length.tokens)}"
+            flops = f"{bound}{training_flops(job.model, length.tokens):.2e}"
         params = _si(param_count(job.model).total)
         row = [model, params, steps, steps_total, tokens, flops, f"{worker_memory(plan, job) / 2**30:.2f} GiB"]
         rows.append([trial.name, *[str(trial.params[k]) for k in keys], *row])
     header = ["model", "params", "length", "steps", "tokens", "FLOPs", "memory/worker"]
     return ["trial", *keys, *header], rows
+
+
+@dataclass(frozen=True)
+class TrialLength:
+    """The optimizer steps and tokens a trial trains for, as far as the plan knows them."""
+
+    steps: int | None
+    tokens: int | None  # None: known once its corpus is prepared
+    at_most: bool  # an upper bound (from train.max_steps or a budget), the corpus not being known here
+
+
+def trial_length(plan: Plan, trial: Trial, storage: str) -> TrialLength:
+    """The length of ``trial``: exact when its corpus is tokenized here or prepared in ``storage``, else at most the
+    full steps of ``train.max_steps`` or its budget, else unknown."""
+    job = trial.job
+    windows = _train_windows(job, storage)
+    bounds = [s for s in (job.train.max_steps, budget_steps(job, plan.workers)) if s]
+    if windows is None and bounds:  # at most so many full steps, whatever the corpus
+        most = min(bounds) * job.train.windows_per_step(plan.workers) * job.model.context_length
+        return TrialLength(min(bounds), most, at_most=True)
+    if windows is None:
+        return TrialLength(None, None, at_most=False)
+    try:
+        length = run_length(job, windows, plan.workers)
+    except ValueError as exc:  # as the run refuses it (`check_data`)
+        raise ExperimentError(f"trial {trial.name}: {exc}") from None
+    return TrialLength(length.total_steps, length.tokens, at_most=False)
 
 
 def worker_memory(plan: Plan, job: JobConfig) -> int:
@@ -263,6 +254,90 @@ def check_memory(plan: Plan, address: str | None) -> None:
             f"trial {name} needs {need:.1f} GiB of memory at its peak ({plan.workers} worker(s): weights, gradients, "
             f"AdamW state and the activations of {job.train.batch_size} x {job.model.context_length} tokens) but "
             f"{have}; {MEMORY_FIX}"
+        )
+
+
+def node_type_fits(plan: Plan, job: JobConfig, node_types: list[NodeType]) -> dict[str, bool | None]:
+    """Whether ``job``'s workers fit each node type that holds one of them (`orchestrator.node_types.fits`: on GPUs
+    in a GPU's memory, on CPUs in a node's RAM; None where that memory is not known)."""
+    gpu = uses_gpu(plan.use_gpu, node_types)
+    need = peak_memory(job, plan.workers, "cuda" if gpu else "cpu", native_bf16=_native_bf16("cuda" if gpu else "cpu"))
+    return {
+        t.name: fits(t, need.total, plan.workers, plan.cpus_per_worker, gpu)
+        for t in node_types
+        if workers_per_node(t, plan.cpus_per_worker, gpu)
+    }
+
+
+def fitting_node_types(plan: Plan, job: JobConfig, node_types: list[NodeType]) -> list[NodeType]:
+    """The node types ``job``'s workers are known to fit."""
+    verdicts = node_type_fits(plan, job, node_types)
+    return [t for t in node_types if verdicts.get(t.name)]
+
+
+def cluster_misfits(plan: Plan, node_types: list[NodeType]) -> dict[str, float]:
+    """The training trials that fit none of the ``node_types`` that hold their workers (each one's memory known and
+    too small), with the GiB one worker needs."""
+    if plan.experiment.is_decode:
+        return {}
+    gpu = uses_gpu(plan.use_gpu, node_types)
+    device = "cuda" if gpu else "cpu"
+    misfits = {}
+    for trial in plan.trials:
+        verdicts = node_type_fits(plan, trial.job, node_types)
+        if verdicts and all(v is False for v in verdicts.values()):
+            need = peak_memory(trial.job, plan.workers, device, native_bf16=_native_bf16(device)).total
+            misfits[trial.name] = need / 2**30
+    return misfits
+
+
+CLUSTER_MEMORY_FIX = (
+    "lower train.batch_size (raise train.grad_accum_steps to keep the batch), set train.activation_checkpointing=true, "
+    "shard it with train.parallel=fsdp over more workers, pick a smaller model, or add a node type with more memory"
+)
+
+
+def cluster_memory_lines(plan: Plan, node_types: list[NodeType], source: str) -> list[str]:
+    """The dry run's fit of each trial's peak memory per worker against the node types of ``source``: per type,
+    how many trials fit, and the trials that fit none, with the fix."""
+    if not node_types or plan.experiment.is_decode:
+        return []
+    gpu = uses_gpu(plan.use_gpu, node_types)
+    verdicts = [node_type_fits(plan, trial.job, node_types) for trial in plan.trials]
+    lines = [f"memory per worker ({'on a GPU' if gpu else 'in RAM'}) vs the node types of {source}:"]
+    for node in node_types:
+        said = [v[node.name] for v in verdicts if node.name in v]
+        if not said:
+            fit = f"holds no worker ({plan.cpus_per_worker:g} CPU{', 1 GPU' if gpu else ''} each)"
+        elif any(v is None for v in said):
+            fit = "memory unknown"
+        elif all(said):
+            fit = "every trial fits"
+        else:
+            fit = f"{sum(said)} of {len(said)} trial(s) fit"
+        lines.append(f"  {node.describe()}: {fit}")
+    misfits = cluster_misfits(plan, node_types)
+    if misfits:
+        needs = ", ".join(f"{name} needs {need:.1f} GiB" for name, need in misfits.items())
+        lines.append(f"  fits no node type: {needs}; {CLUSTER_MEMORY_FIX}")
+    return lines
+
+
+def check_cluster_memory(plan: Plan, use_gpu: bool, address: str | None) -> None:
+    """Once a joined cluster (``address``, or ``RAY_ADDRESS``) is up, before anything of the sweep is written: a trial
+    whose workers fit none of its node types (on GPUs or CPUs, as ``use_gpu`` was resolved) would never be placed, or
+    die mid-run, so it is refused, naming what to change."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or plan.experiment.is_decode:
+        return
+    node_types, resolved = live_node_types(), dataclasses.replace(plan, use_gpu=use_gpu)
+    misfits = cluster_misfits(resolved, node_types)
+    if misfits:
+        name, need = next(iter(misfits.items()))
+        kinds = ", ".join(t.describe() for t in node_types if workers_per_node(t, plan.cpus_per_worker, use_gpu))
+        raise SweepError(
+            f"trial {name} needs {need:.1f} GiB per worker at its peak ({'on a GPU' if use_gpu else 'in RAM'}), more "
+            f"than any node type of the Ray cluster at {address} has ({kinds}); {CLUSTER_MEMORY_FIX}"
         )
 
 

@@ -30,6 +30,7 @@ from orchestrator.experiment import ASHA, Experiment
 from orchestrator.plan import (
     Plan,
     SweepOptions,
+    check_cluster_memory,
     check_data,
     check_memory,
     make_plan,
@@ -143,6 +144,7 @@ def _open(
     connect_ray(options.address)
     try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
         use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
+        check_cluster_memory(plan, use_gpu, options.address)
         check_cpus(plan.cpus_per_worker, wait_for_resources)
         datasets = {} if experiment.is_decode else prepare_data(plan.trials, storage)
         tracker = SweepTracker(uri, experiment.name, artifact_root=artifact_root)

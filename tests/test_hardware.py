@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gptcore.hardware import model_flops_utilisation, peak_flops, peak_flops_of
+from gptcore.hardware import gpu_memory_of, model_flops_utilisation, peak_flops, peak_flops_of
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,26 @@ def test_unknown_devices_get_no_mfu():
 
 def test_mfu_is_achieved_over_peak():
     assert model_flops_utilisation(400_000.0, 857e6, 989e12) == pytest.approx(0.3466, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "gb"),
+    [
+        ("NVIDIA A100-SXM4-80GB", 80),  # CUDA's names
+        ("NVIDIA A100 80GB PCIe", 80),
+        ("NVIDIA A100-SXM4-40GB", 40),
+        ("NVIDIA H100 NVL", 94),
+        ("NVIDIA H100 80GB HBM3", 80),
+        ("A100-80G", 80),  # Ray's accelerator types
+        ("A100", 40),  # Ray's name for either size: the smaller
+        ("A10G", 24),
+        ("L40S", 48),
+        ("L4", 24),
+    ],
+)
+def test_known_gpus_get_their_memory_the_specific_variant_first(name, gb):
+    assert gpu_memory_of(name) == gb * 10**9
+
+
+def test_unknown_gpus_get_no_memory():
+    assert gpu_memory_of("NVIDIA GeForce RTX 4090") is None
