@@ -7,6 +7,7 @@ trial's model; a decode sweep's checkpoints are `orchestrator.decode_plan`'s.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from gptcore.corpus import check_windows, plan_corpus, window_count
 from gptcore.memory import peak_memory
 from gptcore.shards import DataError, Manifest, read_manifest
 from orchestrator.decode_plan import decode_rows
-from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials, worker_range
 from orchestrator.prepare import dataset_location, prepare, read_dataset_manifest, stage_locally
 from orchestrator.settings import torch_threads
 from orchestrator.storage import absolute_storage
@@ -36,7 +37,7 @@ class SweepOptions:
     tracking_uri: str | None = None
     max_concurrent: int | None = None
     resume: str | None = None  # None, "latest" or a sweep id
-    workers: int | None = None
+    workers: int | tuple[int, int] | None = None  # --workers N or MIN:MAX
     use_gpu: bool | str | None = None
     cpus_per_worker: float | None = None
     experiment_file: str = ""
@@ -49,10 +50,20 @@ class Plan:
 
     experiment: Experiment
     trials: list[Trial]
-    workers: int
+    workers: int  # the most workers a trial has (and asks for)
     use_gpu: bool | str
     cpus_per_worker: float
     max_concurrent: int | None
+    min_workers: int | None = None  # an elastic trial's fewest (None: always ``workers``)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers a trial may train on."""
+        return range(self.min_workers if self.elastic else self.workers, self.workers + 1)
 
 
 def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
@@ -60,13 +71,15 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
     (``train.num_threads``, unless the experiment sets it), so the loop sets them, once."""
     cpus_per_worker = options.cpus_per_worker or experiment.cpus_per_worker or 1
     trials = [with_threads(t, cpus_per_worker) for t in expand_trials(experiment, options.overrides)]
+    fewest, most = worker_range(options.workers or experiment.workers)
     plan = Plan(
         experiment=experiment,
         trials=trials,
-        workers=options.workers or experiment.workers,
+        workers=most,
         use_gpu=experiment.use_gpu if options.use_gpu is None else options.use_gpu,
         cpus_per_worker=cpus_per_worker,
         max_concurrent=concurrency_limit(experiment, options),
+        min_workers=fewest if fewest < most else None,
     )
     check_sharding(plan)
     check_batches(plan)
@@ -75,13 +88,30 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
 
 
 def check_batches(plan: Plan) -> None:
-    """A ``train.global_batch_size`` the plan's worker count cannot split into whole micro-batches is refused."""
+    """A ``train.global_batch_size`` a worker count of the plan cannot split into whole micro-batches is refused; an
+    elastic trial needs one, so that every count trains the same global batch."""
     for trial in plan.trials:
-        if isinstance(trial.job, JobConfig):
-            try:
-                trial.job.train.accumulation_steps(plan.workers)
-            except ConfigError as exc:
-                raise ExperimentError(f"trial {trial.name}: {exc}") from None
+        if not isinstance(trial.job, JobConfig):
+            continue
+        train = trial.job.train
+        if plan.elastic and train.global_batch_size is None:
+            raise ExperimentError(
+                f"trial {trial.name}: workers=({plan.min_workers}, {plan.workers}) is elastic, and its global batch "
+                f"would change with the worker count; set train.global_batch_size (windows per optimizer step, all "
+                f"workers together), e.g. {train.batch_size * math.lcm(*plan.worker_counts)}"
+            )
+        try:
+            for count in plan.worker_counts:
+                train.accumulation_steps(count)
+        except ConfigError as exc:
+            raise ExperimentError(f"trial {trial.name}: {exc}{_elastic_note(plan)}") from None
+
+
+def _elastic_note(plan: Plan) -> str:
+    """What a refusal of one worker count adds for an elastic trial: every count in its range must do."""
+    if not plan.elastic:
+        return ""
+    return f"; an elastic trial (workers=({plan.min_workers}, {plan.workers})) may train on any count in its range"
 
 
 def check_sharding(plan: Plan) -> None:
@@ -91,12 +121,14 @@ def check_sharding(plan: Plan) -> None:
         if not isinstance(job, JobConfig) or job.train.parallel != "fsdp":
             continue
         rows = job.model.padded_vocab_size
-        if rows % plan.workers:
-            raise SweepError(
-                f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
-                f"{plan.workers} workers, which do not divide it evenly; use a worker count that divides {rows} "
-                "(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
-            )
+        for count in plan.worker_counts:
+            if rows % count:
+                raise SweepError(
+                    f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
+                    f"{count} workers, which do not divide it evenly; use a worker count that divides {rows} "
+                    f"(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
+                    f"{_elastic_note(plan)}"
+                )
 
 
 #: The model sizes an iso-FLOP profile needs per budget: a parabola in log N through fewer has no minimum to find.
@@ -152,7 +184,7 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     lines = [
         f"experiment {plan.experiment.name}: {len(plan.trials)} trial(s), metric {plan.experiment.metric} "
         f"({plan.experiment.mode})",
-        f"resources per trial: {plan.workers} worker(s) x ({plan.cpus_per_worker:g} CPU, {gpu})"
+        f"resources per trial: {_workers_said(plan)} x ({plan.cpus_per_worker:g} CPU, {gpu})"
         + (f", at most {plan.max_concurrent} concurrent" if plan.max_concurrent else ""),
         f"storage: {absolute_storage(options.storage, options.workdir)}",
         f"tracking: {resolve_tracking_uri(options.tracking_uri, options.workdir)}",
@@ -176,6 +208,13 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     for row in [header, *rows]:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     return "\n".join(lines)
+
+
+def _workers_said(plan: Plan) -> str:
+    """The workers of a trial, said: "2 worker(s)", or an elastic range."""
+    if plan.elastic:
+        return f"{plan.min_workers} to {plan.workers} workers (elastic: as many as the cluster has)"
+    return f"{plan.workers} worker(s)"
 
 
 def _train_rows(plan: Plan, keys: list[str], storage: str) -> tuple[list[str], list[list[str]]]:

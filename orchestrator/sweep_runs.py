@@ -71,7 +71,14 @@ def start_sweep_run(
         scheduler=experiment.scheduler_settings(),
         max_concurrent=plan.max_concurrent,
         in_trial_actor=not experiment.is_decode
-        and trains_in_trial_actor(plan.workers, (t.job.train.parallel for t in plan.trials)),
+        and trains_in_trial_actor(
+            plan.workers,
+            (t.job.train.parallel for t in plan.trials),
+            elastic=plan.elastic,
+            spot=experiment.spot,
+        ),
+        min_workers=plan.min_workers if plan.elastic else None,
+        elastic_resize_s=experiment.elastic_resize_s,
     )
 
 
@@ -82,6 +89,8 @@ def sweep_description(experiment: Experiment, plan: Plan, options: SweepOptions)
     if not experiment.is_decode:
         lines.append(f"Model {experiment.model}, corpus {experiment.corpus or experiment.data.get('corpus', '')}.")
     lines.append(f"Ranked by {experiment.metric} ({experiment.mode}).")
+    if plan.elastic:
+        lines.append(f"Elastic trials: {plan.min_workers} to {plan.workers} workers, as many as the cluster has.")
     if options.overrides:
         sets = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in options.overrides.items())
         lines.append(f"Overrides: {sets}.")

@@ -46,7 +46,8 @@ def train_in_trial_actor(config: dict[str, Any], specs: dict[str, TrialSpec], se
 
 
 def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
-    """Train the trial Tune's ``config`` names on ``settings.workers`` Ray Train workers, to its end."""
+    """Train the trial Tune's ``config`` names on ``settings.workers`` Ray Train workers (elastic: between
+    ``settings.min_workers`` and those, as many as the cluster has), to its end."""
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -64,7 +65,8 @@ def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: Swe
             "ray_trial_id": ray.tune.get_context().get_trial_id(),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.workers,
+            num_workers=settings.num_workers(),
+            elastic_resize_monitor_interval_s=settings.elastic_resize_s,
             use_gpu=bool(settings.use_gpu),
             resources_per_worker=settings.worker_resources(),
         ),
@@ -76,7 +78,8 @@ def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: Swe
                 checkpoint_score_attribute=settings.metric,
                 checkpoint_score_order=settings.mode,
             ),
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            # a spot reclaim is no failure of the trial's: it counts against max_preemption_failures (no limit)
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures, max_preemption_failures=-1),
             callbacks=[TuneReportCallback()],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
