@@ -38,6 +38,12 @@ class SweepSettings:
     # it), and how often Ray Train looks for more of them
     min_workers: int | None = None
     elastic_resize_s: float = 60.0
+    spot: bool = False  # the experiment's: trials that may lose nodes to spot reclaims
+
+    @property
+    def preemptible(self) -> bool:
+        """Trials that must hear of a node's drain (`orchestrator.preemption`): spot, or elastic."""
+        return self.spot or self.min_workers is not None
 
     def num_workers(self) -> int | tuple[int, int]:
         """Ray Train's ``ScalingConfig.num_workers``: a count, or an elastic trial's (min, max)."""

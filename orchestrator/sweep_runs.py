@@ -79,6 +79,7 @@ def start_sweep_run(
         ),
         min_workers=plan.min_workers if plan.elastic else None,
         elastic_resize_s=experiment.elastic_resize_s,
+        spot=experiment.spot,
     )
 
 

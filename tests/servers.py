@@ -258,6 +258,12 @@ def ray_cluster(tmp: Path, workers: int = 1, head_cpus: int = 1) -> Iterator[Ray
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def start_node(cluster: RayCluster, name: str, tmp: Path, cpus: int = 1) -> None:
+    """Join one more node ``name`` (a custom resource of that name, ``cpus`` CPUs) to ``cluster``: a node that comes
+    back, or a new one the autoscaler would start."""
+    _start_node(cluster, lambda: ["--address", cluster.address], name, tmp, cpus)
+
+
 def enter_concurrently(stack: contextlib.ExitStack, *managers: contextlib.AbstractContextManager) -> list:
     """Enter context managers on ``stack`` in parallel threads (servers start together); returns their values."""
     with ThreadPoolExecutor(len(managers)) as pool:
