@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.curves import assert_same_training
-from tests.servers import BIN, PATIENCE_S, RayCluster, psutil, ray_cluster, start_node, stop
+from tests.servers import PATIENCE_S, ray_cluster, start_node, stop
 
 pytestmark = pytest.mark.ray
 
@@ -79,28 +78,6 @@ def _wait(condition, sweep: subprocess.Popen, what: str, timeout: float = PATIEN
     raise AssertionError(f"no {what} (the sweep exited {sweep.poll()})")
 
 
-def _node_id(cluster: RayCluster, name: str) -> str:
-    """The Ray node id of node ``name`` (its custom resource)."""
-    code = f"import json, ray; ray.init(address={cluster.address!r}, logging_level='ERROR'); " + (
-        "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **cluster.env}, capture_output=True, text=True, check=True
-    )
-    nodes = json.loads(out.stdout.strip().splitlines()[-1])
-    return next(node for node, resources in nodes.items() if name in resources)
-
-
-def _kill_node(cluster: RayCluster, name: str) -> None:
-    """SIGKILL every process of node ``name`` at once, as a reclaimed instance vanishes."""
-    proc = cluster.nodes.pop(name)
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in family:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGKILL)
-    proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def reclaim(tmp_path_factory):
     work = tmp_path_factory.mktemp("spot")
@@ -110,7 +87,7 @@ def reclaim(tmp_path_factory):
         env = stack.enter_context(pytest.MonkeyPatch.context())
         env.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # nodes (ray start) and driver inherit it
         cluster = stack.enter_context(ray_cluster(work, workers=1))
-        node_id = _node_id(cluster, "node1")
+        node_id = cluster.node_id("node1")
         started = time.monotonic()
         timeline: dict[str, float] = {}
         args = ["run", "spot.py", "--address", cluster.address, "--cpus-per-worker", "1"]
@@ -125,10 +102,7 @@ def reclaim(tmp_path_factory):
         try:
             first = _wait(lambda: _latest_checkpoint(work), sweep, "first checkpoint")
             timeline["first checkpoint"] = time.monotonic() - started
-            drain = [str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", node_id]
-            drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot"]
-            drain += ["--deadline-remaining-seconds", "60"]
-            subprocess.run(drain, env={**os.environ, **cluster.env}, check=True, capture_output=True)
+            cluster.drain_for_preemption(node_id, deadline_s=60)
             timeline["drained"] = time.monotonic() - started
             said = _wait(
                 lambda: re.search(r"checkpoint at step (\d+)", (work / "run.log").read_text()), sweep, "notice"
@@ -137,7 +111,7 @@ def reclaim(tmp_path_factory):
             _wait(lambda: (_latest_checkpoint(work) or 0) >= noticed, sweep, "checkpoint of the notice registered")
             timeline["notice checkpoint"] = time.monotonic() - started
             assert noticed > first
-            _kill_node(cluster, "node1")
+            cluster.kill_node("node1")
             timeline["killed"] = time.monotonic() - started
             start_node(cluster, "node2", work)  # the node comes back (an autoscaler's replacement)
             timeline["node back"] = time.monotonic() - started
