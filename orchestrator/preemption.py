@@ -10,6 +10,7 @@ worker group from that checkpoint (counted against ``FailureConfig.max_preemptio
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -21,10 +22,6 @@ from orchestrator.tracking import RunLogger, client_for
 
 EVENTS_FILE = "preemptions.json"  # the run's artifact: one entry per notice, the resume's figures added to it
 COUNT_TAG = "preemptions"
-# Steps between two questions to Ray. Each is a round trip of every rank to Ray Train's synchronization actor
-# (~2 ms here, benchmarks/bench_preemption.py), and Ray's watcher polls the drain state only every 5 s
-# (RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S): asking every step costs little and loses nothing of the notice's window.
-ASK_EVERY_STEPS = 1
 
 
 def _now() -> str:
@@ -41,12 +38,18 @@ class PreemptionNotices(Hooks):
         self.seen: set[str] = set()  # the drained nodes already checkpointed for
         self.noticed: tuple[Any, list[str]] | None = None  # a notice to record, once its checkpoint is under way
 
+    @staticmethod
+    def watched() -> bool:
+        """Whether Ray Train watches this worker group's nodes for drains: not on one machine, unless the sweep is
+        spot or elastic (`orchestrator.cluster.worker_env`). Unwatched, no notice comes: nothing to ask for."""
+        return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
+
     def wants_checkpoint(self, ctx: TrainContext, state) -> bool:
         import ray.train
 
-        if state.step % ASK_EVERY_STEPS:
-            return False
-        info = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
+        # Every step: a barrier of every rank at Ray Train's synchronization actor, a few ms (bench_preemption.py),
+        # where a step of a model worth a GPU takes 100 ms or more; fewer questions would lose steps of the notice
+        info = ray.train.get_preemption_info()
         nodes = sorted(set(info.preempted_node_to_ranks) - self.seen) if info is not None else []
         if not nodes:
             return False

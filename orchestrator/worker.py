@@ -60,7 +60,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         world_size=world_size,
         device=device,
         wrap_model=wrap if ddp else None,
-        notices=PreemptionNotices(loop_config["tracking_uri"], spec.run_id),
+        notices=PreemptionNotices(loop_config["tracking_uri"], spec.run_id) if PreemptionNotices.watched() else None,
     )
 
 
