@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from gptcore.hooks import Hooks, TrainContext
-from orchestrator.tracking import RunLogger, client_for
+from orchestrator.tracking import PREEMPTIONS_TAG, RunLogger, client_for
 
 EVENTS_FILE = "preemptions.json"  # the run's artifact: one entry per notice, the resume's figures added to it
-COUNT_TAG = "preemptions"
 
 
 def _now() -> str:
@@ -131,4 +130,4 @@ class PreemptionNotices(Hooks):
     def _write(self, events: list[dict[str, Any]]) -> None:
         client = client_for(self.uri)
         client.log_text(self.run_id, json.dumps(events, indent=1), EVENTS_FILE)
-        client.set_tag(self.run_id, COUNT_TAG, str(len(events)))
+        client.set_tag(self.run_id, PREEMPTIONS_TAG, str(len(events)))

@@ -45,6 +45,10 @@ class SweepSettings:
         """Trials that must hear of a node's drain (`orchestrator.preemption`): spot, or elastic."""
         return self.spot or self.min_workers is not None
 
+    def workers_said(self) -> str:
+        """A trial's workers, for people: "2", or "1-2 elastic"."""
+        return f"{self.min_workers}-{self.workers} elastic" if self.min_workers is not None else str(self.workers)
+
     def num_workers(self) -> int | tuple[int, int]:
         """Ray Train's ``ScalingConfig.num_workers``: a count, or an elastic trial's (min, max)."""
         return (self.min_workers, self.workers) if self.min_workers is not None else self.workers

@@ -14,7 +14,7 @@ from orchestrator.experiment import Experiment, Trial
 from orchestrator.plan import Plan, SweepOptions
 from orchestrator.provenance import file_docstring, git_commit, source_tags
 from orchestrator.settings import SweepSettings, trains_in_trial_actor
-from orchestrator.tracking import KIND_TAG, NOTE_TAG, SweepTracker, cluster_tracking_uri
+from orchestrator.tracking import KIND_TAG, NOTE_TAG, WORKERS_TAG, SweepTracker, cluster_tracking_uri
 from orchestrator.trial_spec import TrialSpec, job_sections
 
 
@@ -108,6 +108,8 @@ def create_trial_runs(
     specs = {}
     for trial in trials:
         tags = {**trial.tags, **source_tags(settings.experiment_file, settings.git_commit)}
+        if settings.kind == "train":
+            tags[WORKERS_TAG] = settings.workers_said()
         params = {**trial.job.flat(), **{f"grid.{k}": v for k, v in trial.params.items()}}
         run_id = tracker.child_run(settings.parent_run_id, settings.sweep_id, trial.name, params=params, tags=tags)
         tracker.client.log_dict(run_id, job_sections(trial.job), "config.json")  # the resolved config, as a file

@@ -138,6 +138,11 @@ def test_reclaimed_elastic_trial_checkpoints_shrinks_grows_back_and_finishes(rec
     assert starts[:2] == [("2", ""), ("1", str(reclaim.noticed_step))], (starts, reclaim.output[-5000:])
     assert starts[-1][0] == "2" and int(starts[-1][1]) >= reclaim.noticed_step, starts
     assert f"node {reclaim.node_id} is being reclaimed: checkpoint at step {reclaim.noticed_step}" in reclaim.output
+    # the results table says the trial is elastic, and the reclaim it lived through
+    table = reclaim.output[reclaim.output.index("Results of sweep") :].splitlines()
+    header, row = table[1].split(), table[3].split()
+    assert row[header.index("workers")] == "1-2" and "elastic" in row, table
+    assert header[-2] == "preemptions" and row[-2] == "1", table
 
 
 def test_the_reclaim_is_recorded_in_mlflow(reclaim):
