@@ -17,15 +17,22 @@ if TYPE_CHECKING:
 def trainable(specs: dict[str, TrialSpec], settings: SweepSettings):
     """The sweep's Tune trainable, with its specs and the resources each trial asks for: a worker's, when the trial
     trains in its actor (`orchestrator.settings.trains_in_trial_actor`); else next to none, its Train workers
-    holding the CPUs and GPUs."""
+    holding the CPUs and GPUs (on the head node, for spot or elastic trials)."""
     import ray.tune
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 
     if settings.in_trial_actor:
         return ray.tune.with_resources(
             ray.tune.with_parameters(train_in_trial_actor, specs=specs, settings=settings),
             settings.worker_resources(),
         )
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, specs=specs, settings=settings), {"memory": 1})
+    resources = {"memory": 1}
+    if settings.preemptible:
+        # The trial actor, and the Ray Train controller Ray places beside it, on the head node: never a spot node, so
+        # a reclaim takes workers only (a lost controller would end the trial). Next to nothing of the head's one
+        # unit: every trial fits.
+        resources[HEAD_NODE_RESOURCE_NAME] = 0.001
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, specs=specs, settings=settings), resources)
 
 
 def train_in_trial_actor(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
