@@ -21,6 +21,11 @@ from gptcore.hooks import Hooks, TrainContext
 from orchestrator.tracking import PREEMPTIONS_TAG, RunLogger, client_for
 
 EVENTS_FILE = "preemptions.json"  # the run's artifact: one entry per notice, the resume's figures added to it
+# The last checkpoint is taken this long before the drain's deadline: a checkpoint of a model worth a GPU is written
+# in seconds; Ray Train must register it before it tears the group down at the deadline
+LAST_CHECKPOINT_S = 15.0
+HOLD_GRACE_S = 60.0  # a node still there this long after its deadline was not reclaimed: training goes on
+UNKNOWN_DEADLINE_S = 120.0  # Ray Train's DEFAULT_PREEMPTION_DEADLINE_S: its restart when a drain names no deadline
 
 
 def _now() -> str:
@@ -28,14 +33,18 @@ def _now() -> str:
 
 
 class PreemptionNotices(Hooks):
-    """On every Ray Train worker: asks for a drain notice after each step and answers `wants_checkpoint` once per
-    notice; rank 0 records the event in the trial's MLflow run (``EVENTS_FILE``), and completes it when the trial
-    resumes after the reclaim (the steps redone, the time to train again)."""
+    """On every Ray Train worker: asks for a drain notice after each step. On a notice, a checkpoint at once; then
+    training goes on until the drain's deadline is ``LAST_CHECKPOINT_S`` away, when a last checkpoint is taken and
+    the loop holds until Ray Train restarts the worker group (it does at the deadline): no step trained after the
+    last checkpoint is lost. Rank 0 records the event in the trial's MLflow run (``EVENTS_FILE``), and completes it
+    when the trial resumes (the steps redone, the time to train again)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.uri, self.run_id = tracking_uri, run_id
         self.seen: set[str] = set()  # the drained nodes already checkpointed for
         self.noticed: tuple[Any, list[str]] | None = None  # a notice to record, once its checkpoint is under way
+        self.deadline_s: float | None = None  # the earliest deadline of the drains heard of (epoch seconds)
+        self.last = False  # the last checkpoint before the deadline is being taken: hold after it
 
     @staticmethod
     def watched() -> bool:
@@ -45,16 +54,22 @@ class PreemptionNotices(Hooks):
 
     def wants_checkpoint(self, ctx: TrainContext, state) -> bool:
         import ray.train
+        from ray.train.collective import broadcast_from_rank_zero
 
         # Every step: a barrier of every rank at Ray Train's synchronization actor, a few ms (bench_preemption.py),
         # where a step of a model worth a GPU takes 100 ms or more; fewer questions would lose steps of the notice
         info = ray.train.get_preemption_info()
         nodes = sorted(set(info.preempted_node_to_ranks) - self.seen) if info is not None else []
-        if not nodes:
+        if nodes:
+            self.seen.update(nodes)
+            self.noticed = (info, nodes)
+            # Ray Train restarts the group at the deadline, or DEFAULT_PREEMPTION_DEADLINE_S after the notice
+            self.deadline_s = info.deadline_ms / 1000 if info.deadline_ms else time.time() + UNKNOWN_DEADLINE_S
+        if self.deadline_s is None:
             return False
-        self.seen.update(nodes)
-        self.noticed = (info, nodes)
-        return True
+        # rank 0's clock decides for every rank: the last checkpoint is a collective of all of them
+        self.last = broadcast_from_rank_zero(time.time() >= self.deadline_s - LAST_CHECKPOINT_S)
+        return bool(nodes) or self.last
 
     def on_eval(self, ctx, state, metrics, sample, save) -> None:
         # after the reporter's on_eval: the checkpoint is being written before MLflow is told
@@ -64,6 +79,22 @@ class PreemptionNotices(Hooks):
             except Exception as exc:  # the checkpoint matters, not its record
                 print(f"[preemption] could not record the notice in MLflow: {exc}", flush=True)
         self.noticed = None
+        if self.last:
+            if ctx.is_main:
+                try:
+                    self._record_last_checkpoint(state.step)
+                except Exception as exc:
+                    print(f"[preemption] could not record the last checkpoint in MLflow: {exc}", flush=True)
+            self._hold(ctx, state.step)
+
+    def _hold(self, ctx: TrainContext, step: int) -> None:
+        """Train no further until Ray Train restarts the group at the deadline (it ends this process); a drain
+        whose node stays past the deadline and a grace lets training go on."""
+        if ctx.is_main:
+            print(f"[preemption] last checkpoint at step {step}; waiting for the restart", flush=True)
+        while time.time() < self.deadline_s + HOLD_GRACE_S:
+            time.sleep(0.2)
+        self.deadline_s, self.last = None, False
 
     def on_train_start(self, ctx: TrainContext, state) -> None:
         if ctx.is_main and ctx.resumed_from:
@@ -86,36 +117,43 @@ class PreemptionNotices(Hooks):
                     "node_ip": addresses.get(node),
                     "ranks": list(info.preempted_node_to_ranks[node]),
                     "deadline": deadline.isoformat(timespec="milliseconds") if deadline else None,
-                    "step_saved": step,
+                    "notice_step": step,  # the checkpoint taken on the notice
+                    "step_saved": step,  # the last checkpoint before the deadline (the same, or later)
                 }
             )
         self._write(events)
         print(f"[preemption] node {', '.join(nodes)} is being reclaimed: checkpoint at step {step}", flush=True)
 
-    def _record_resume(self, step: int, world_size: int) -> None:
-        """Complete the latest event not yet resumed from: this start is its trial training again."""
+    def _record_last_checkpoint(self, step: int) -> None:
         events = self._events()
-        if not events or "resumed_at" in events[-1]:
+        for event in events:
+            if "resumed_at" not in event:
+                event["step_saved"] = step
+        self._write(events)
+
+    def _record_resume(self, step: int, world_size: int) -> None:
+        """Complete the events not yet resumed from: this start is their trial training again."""
+        events = self._events()
+        open_events = [e for e in events if "resumed_at" not in e]
+        if not open_events:
             return  # a restart after a failure, not a reclaim (or the sweep resumed)
-        event = events[-1]
-        client = client_for(self.uri)
-        history = client.get_metric_history(self.run_id, "loss")
+        history = client_for(self.uri).get_metric_history(self.run_id, "loss")
         last = max(history, key=lambda m: m.step, default=None)  # the last step trained before the node went
         now = time.time()
-        event.update(
-            {
-                "resumed_at": _now(),
-                "resumed_from_step": step,
-                "steps_redone": max(last.step - step, 0) if last else 0,
-                "seconds_to_resume": round(now - last.timestamp / 1000, 1) if last else None,
-                "seconds_notice_to_resume": round(now - datetime.fromisoformat(event["noticed_at"]).timestamp(), 1),
-                "world_size": world_size,
-            }
-        )
+        resumed = {
+            "resumed_at": _now(),
+            "resumed_from_step": step,
+            "steps_redone": max(last.step - step, 0) if last else 0,
+            "seconds_to_resume": round(now - last.timestamp / 1000, 1) if last else None,
+            "world_size": world_size,
+        }
+        for event in open_events:
+            noticed = datetime.fromisoformat(event["noticed_at"]).timestamp()
+            event.update(resumed, seconds_notice_to_resume=round(now - noticed, 1))
         self._write(events)
-        metrics = {"preemption_steps_redone": float(event["steps_redone"])}
-        if event["seconds_to_resume"] is not None:
-            metrics["preemption_seconds_to_resume"] = float(event["seconds_to_resume"])
+        metrics = {"preemption_steps_redone": float(resumed["steps_redone"])}
+        if resumed["seconds_to_resume"] is not None:
+            metrics["preemption_seconds_to_resume"] = float(resumed["seconds_to_resume"])
         logger = RunLogger(self.uri, self.run_id)
         logger.log_metrics(metrics, step=step)
         logger.close()
