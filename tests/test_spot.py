@@ -141,7 +141,7 @@ def _run(reclaim: Reclaim):
 def test_reclaimed_elastic_trial_checkpoints_shrinks_grows_back_and_finishes(reclaim):
     assert reclaim.returncode == 0, reclaim.output[-5000:]
     starts = re.findall(r"(\d) worker\(s\) on cpu(?:, resumed from step (\d+))?", reclaim.output)
-    # both nodes; then the head alone, from the last checkpoint before the deadline; then two workers again once a node is back
+    # both nodes; then the head alone, from the last checkpoint before the deadline; then two again, a node back
     assert starts[:2] == [("2", ""), ("1", str(reclaim.last_step))], (starts, reclaim.output[-5000:])
     assert len(starts) == 3 and starts[2][0] == "2" and int(starts[2][1]) >= reclaim.last_step, starts
     assert f"node {reclaim.node_id} is being reclaimed: checkpoint at step {reclaim.noticed_step}" in reclaim.output
