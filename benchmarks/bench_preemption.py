@@ -4,8 +4,8 @@ One run, on a local two-node Ray cluster (`tests.servers`: a head and a second n
 auth): the same two-worker spot trial twice. Each time, once the trial has passed its first scheduled checkpoint by
 half the checkpoint interval (where an unannounced loss lands on average), the second node is
 
-- **with the notice**: drained for preemption (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`), as
-  cluster.yaml's spot nodes do on EC2's notice, then killed once the notice's checkpoint is registered;
+- **with the notice**: drained for preemption (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, a 30 s
+  deadline), as cluster.yaml's spot nodes do on EC2's notice, then killed after the deadline;
 - **without it**: killed at once (an instance lost with no notice, or a spot node with no drain).
 
 A node joins again at once (the autoscaler's replacement) and the trial finishes. Printed side by side: the steps
@@ -34,6 +34,8 @@ from common import ROOT, emit, machine, summary, table
 
 sys.path.insert(0, str(ROOT))
 from tests.servers import RayCluster, ray_cluster, start_node, stop
+
+DEADLINE_S = 30  # the drain's (AWS gives 120 s; cluster.yaml drains 110 s ahead): the loop trains 15 s of it
 
 EXPERIMENT = """
 from orchestrator import Experiment, grid
@@ -94,11 +96,10 @@ def reclaim(cluster: RayCluster, work: Path, name: str, notice: bool, steps: int
         lost_at = every + every // 2
         wait_for(lambda: any(s >= lost_at for s, _ in loss_history(work)), sweep, f"step {lost_at}")
         noticed = time.time()
-        if notice:
-            cluster.drain_for_preemption(node_id, deadline_s=60)
-            said = wait_for(lambda: re.search(r"checkpoint at step (\d+)", log.read_text()), sweep, "notice")
-            registered = work / "ray_results"
-            wait_for(lambda: _registered(registered) >= int(said[1]), sweep, "the notice's checkpoint")
+        if notice:  # the node goes at the drain's deadline, as a reclaimed spot node does
+            cluster.drain_for_preemption(node_id, deadline_s=DEADLINE_S)
+            wait_for(lambda: "last checkpoint at step" in log.read_text(), sweep, "the last checkpoint")
+            time.sleep(max(noticed + DEADLINE_S + 1 - time.time(), 0))
         last_before = max(s for s, _ in loss_history(work))
         cluster.kill_node(victim)
         lost = time.time()
@@ -128,14 +129,6 @@ def reclaim(cluster: RayCluster, work: Path, name: str, notice: bool, steps: int
             notice_to_kill_s=round(lost - noticed, 1),
         )
     return row
-
-
-def _registered(storage: Path) -> int:
-    for snapshot in storage.rglob("checkpoint_manager_snapshot.json"):
-        with contextlib.suppress(ValueError, OSError, TypeError):
-            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-            return int(re.search(r"checkpoint_(\d+)", json.dumps(latest))[1])
-    return -1
 
 
 def _events(work: Path) -> list[dict]:
