@@ -30,7 +30,7 @@ pytestmark = pytest.mark.ray
 
 EVERY = 20  # scheduled evaluations and checkpoints
 DEADLINE_S = 20  # of the drain: the loop checkpoints on the notice, again 15 s before it, then holds
-STEPS = 600  # ~8 steps/s: long enough for the trial to outlive the node's return (a node start takes ~20 s here)
+STEPS = 700  # ~8 steps/s: long enough for the trial to outlive the node's return (a node start takes ~20 s here)
 EXPERIMENT = f"""
 from orchestrator import Experiment, grid
 
@@ -88,6 +88,9 @@ def reclaim(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         env = stack.enter_context(pytest.MonkeyPatch.context())
         env.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # nodes (ray start) and driver inherit it
+        # At the deadline Ray Train's elastic policy still counts the drained node, and waits this long (60 s by
+        # default) for its workers before it starts on the nodes left
+        env.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
         cluster = stack.enter_context(ray_cluster(work, workers=1))
         node_id = cluster.node_id("node1")
         started = time.monotonic()
@@ -120,6 +123,8 @@ def reclaim(tmp_path_factory):
             time.sleep(max(deadline - time.monotonic(), 0) + 1)
             cluster.kill_node("node1")
             timeline["killed"] = time.monotonic() - started
+            _wait(lambda: re.search(r"1 worker\(s\) on cpu, resumed", log.read_text()), sweep, "one worker")
+            timeline["one worker"] = time.monotonic() - started
             start_node(cluster, "node2", work)  # the node comes back (an autoscaler's replacement)
             timeline["node back"] = time.monotonic() - started
             sweep.wait(timeout=2 * PATIENCE_S)
