@@ -55,8 +55,8 @@ EXPERIMENT = Experiment(
 """
 
 
-def loss_history(work: Path) -> list[tuple[int, float]]:
-    """(step, seconds since the epoch) of every logged training loss of the sweep's one trial."""
+def loss_history(work: Path, name: str) -> list[tuple[int, float]]:
+    """(step, seconds since the epoch) of every logged training loss of experiment ``name``'s one trial."""
     from mlflow import MlflowClient
 
     db = work / "mlruns.db"
@@ -64,7 +64,7 @@ def loss_history(work: Path) -> list[tuple[int, float]]:
         return []
     client = MlflowClient(f"sqlite:///{db}")
     with contextlib.suppress(Exception):
-        (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
+        exp = client.get_experiment_by_name(name)
         runs = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'trial'")
         if runs:
             return sorted((m.step, m.timestamp / 1000) for m in client.get_metric_history(runs[0].info.run_id, "loss"))
@@ -94,13 +94,13 @@ def reclaim(cluster: RayCluster, work: Path, name: str, notice: bool, steps: int
         sweep = subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         lost_at = every + every // 2
-        wait_for(lambda: any(s >= lost_at for s, _ in loss_history(work)), sweep, f"step {lost_at}")
+        wait_for(lambda: any(s >= lost_at for s, _ in loss_history(work, name)), sweep, f"step {lost_at}")
         noticed = time.time()
         if notice:  # the node goes at the drain's deadline, as a reclaimed spot node does
             cluster.drain_for_preemption(node_id, deadline_s=DEADLINE_S)
             wait_for(lambda: "last checkpoint at step" in log.read_text(), sweep, "the last checkpoint")
             time.sleep(max(noticed + DEADLINE_S + 1 - time.time(), 0))
-        last_before = max(s for s, _ in loss_history(work))
+        last_before = max(s for s, _ in loss_history(work, name))
         cluster.kill_node(victim)
         lost = time.time()
         start_node(cluster, joins, work)
@@ -108,7 +108,7 @@ def reclaim(cluster: RayCluster, work: Path, name: str, notice: bool, steps: int
     finally:
         stop(sweep)
     output = log.read_text()
-    history = loss_history(work)
+    history = loss_history(work, name)
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", output)]
     if sweep.returncode != 0 or not resumed:
         raise RuntimeError(f"{name}: the sweep exited {sweep.returncode}, resumed from {resumed}:\n{output[-3000:]}")
