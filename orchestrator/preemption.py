@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gptcore.checkpoint_format import TrainState
 from gptcore.hooks import Hooks, TrainContext
 from orchestrator.tracking import PREEMPTIONS_TAG, RunLogger, client_for
 
@@ -52,7 +53,7 @@ class PreemptionNotices(Hooks):
         spot or elastic (`orchestrator.cluster.worker_env`). Unwatched, no notice comes: nothing to ask for."""
         return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
 
-    def wants_checkpoint(self, ctx: TrainContext, state) -> bool:
+    def wants_checkpoint(self, ctx: TrainContext, state: TrainState) -> bool:
         import ray.train
         from ray.train.collective import broadcast_from_rank_zero
 
@@ -96,7 +97,7 @@ class PreemptionNotices(Hooks):
             time.sleep(0.2)
         self.deadline_s, self.last = None, False
 
-    def on_train_start(self, ctx: TrainContext, state) -> None:
+    def on_train_start(self, ctx: TrainContext, state: TrainState) -> None:
         if ctx.is_main and ctx.resumed_from:
             try:
                 self._record_resume(state.step, ctx.world_size)
