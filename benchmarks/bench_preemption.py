@@ -59,11 +59,11 @@ def loss_history(work: Path, name: str) -> list[tuple[int, float]]:
     """(step, seconds since the epoch) of every logged training loss of experiment ``name``'s one trial."""
     from mlflow import MlflowClient
 
-    db = work / "mlruns.db"
-    if not db.exists():
+    log = work / f"{name}.log"
+    if "worker(s) on cpu" not in log.read_text():  # the driver has made the store's tables (no migration race)
         return []
-    client = MlflowClient(f"sqlite:///{db}")
     with contextlib.suppress(Exception):
+        client = MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
         exp = client.get_experiment_by_name(name)
         runs = client.search_runs([exp.experiment_id], "tags.`orchestrator.role` = 'trial'")
         if runs:
