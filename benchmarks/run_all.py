@@ -20,7 +20,7 @@ from pathlib import Path
 from common import ROOT, SUMMARY, machine, parse_lines, table
 
 HERE = Path(__file__).resolve().parent
-CPU_SCRIPTS = ["train", "generate", "data", "system_metrics", "fsdp", "orchestration", "ladder"]
+CPU_SCRIPTS = ["train", "generate", "data", "system_metrics", "fsdp", "orchestration", "ladder", "preemption"]
 SCRIPTS = [*CPU_SCRIPTS, "gpu_main", "gpu_mfu", "gpu_fsdp", "gpu_data"]  # without a GPU: "unmeasured"
 
 

@@ -29,6 +29,7 @@ BENCHES: dict[str, tuple[str, bool]] = {
     "orchestration": ("bench_orchestration.py", False),
     "orchestration_main": ("bench_orchestration.py --main", False),
     "ladder": ("bench_ladder.py", False),
+    "preemption": ("bench_preemption.py", False),
     "gpu_main": ("bench_gpu_main.py", True),
     "gpu_orchestration": ("bench_orchestration.py --use-gpu", True),
     "gpu_mfu": ("bench_gpu_mfu.py", True),

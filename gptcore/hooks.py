@@ -77,6 +77,12 @@ class Hooks:
 
     def on_train_end(self, ctx: TrainContext, state: TrainState, result: TrainResult) -> None: ...
 
+    def wants_checkpoint(self, ctx: TrainContext, state: TrainState) -> bool:
+        """Whether a checkpoint must be taken now, after step ``state.step``, though none is due (e.g. the node is
+        about to be reclaimed): then this step is evaluated and checkpointed. Asked after every step, on every rank;
+        every rank must answer the same."""
+        return False
+
 
 class HookList(Hooks):
     def __init__(self, *hooks: Hooks):
@@ -97,6 +103,10 @@ class HookList(Hooks):
     def on_train_end(self, ctx, state, result):
         for h in self.hooks:
             h.on_train_end(ctx, state, result)
+
+    def wants_checkpoint(self, ctx, state):
+        # every hook is asked, whatever the others answer: one may be a collective that every rank must enter
+        return any([h.wants_checkpoint(ctx, state) for h in self.hooks])
 
 
 class LocalCheckpoints(Hooks):

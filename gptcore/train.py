@@ -360,6 +360,8 @@ def _train(config, hooks, resume_from, rank, world_size, device, wrap_model, dat
                 epoch_end = state.samples_in_epoch + run.windows_per_micro_step > len(run.train_ds)
                 last = state.step >= ctx.total_steps or (epoch_end and state.epoch + 1 >= config.train.epochs)
                 evaluate_now, checkpoint = run.checkpoints.after_step(state.step, epoch_end=epoch_end, last=last)
+                if run.hooks.wants_checkpoint(ctx, state):  # asked every step: a hook's question may be a collective
+                    evaluate_now = checkpoint = True
                 if epoch_end:  # the saved state points at the start of the next epoch
                     state.epoch, state.samples_in_epoch = state.epoch + 1, 0
                 if evaluate_now:

@@ -39,6 +39,17 @@ def _user_errors() -> tuple[type[Exception], ...]:
 # --------------------------------------------------------------------------- run
 
 
+def _workers(text: str) -> int | tuple[int, int]:
+    """``--workers``: ``N`` or ``MIN:MAX`` (the range itself is checked with the experiment's, `worker_range`)."""
+    try:
+        counts = tuple(int(part) for part in text.split(":"))
+    except ValueError:
+        counts = ()
+    if len(counts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is no worker count: give N (e.g. 2) or MIN:MAX (e.g. 2:4)")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.dry_run import describe_plan
     from orchestrator.experiment import load_experiment, parse_overrides
@@ -347,7 +358,11 @@ def _add_run(verbs: argparse._SubParsersAction) -> None:
         help="continue an interrupted sweep (default: latest) as it was started: no --set, --workers, --use-gpu, "
         "--cpus-per-worker or --max-concurrent",
     )
-    run.add_argument("--workers", type=int, help="Ray Train workers per trial (overrides the experiment)")
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        help="workers per trial (overrides the experiment): N, or MIN:MAX for an elastic trial (e.g. 2:4)",
+    )
     run.add_argument("--use-gpu", choices=["auto", "yes", "no"], help="train on GPUs (default: the experiment's)")
     run.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (default 1)")
     run.add_argument(

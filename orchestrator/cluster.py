@@ -52,8 +52,9 @@ def on_one_machine(address: str | None) -> bool:
     return is_loopback(_parsed_address(address).hostname)
 
 
-def worker_env(local: bool) -> dict[str, str]:
-    """Environment of every Ray process of the sweep."""
+def worker_env(local: bool, preemptible: bool = False) -> dict[str, str]:
+    """Environment of every Ray process of the sweep; ``preemptible``: its trials hear of node drains even when the
+    cluster is on one machine (spot or elastic trials: nodes of one machine may still be drained, as in tests)."""
     env = {
         CACHE_ENV: str(cache_dir()),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": CONTROLLER_POLL_S,
@@ -64,8 +65,10 @@ def worker_env(local: bool) -> dict[str, str]:
         "MALLOC_ARENA_MAX": "1",
         **HTTP_ENV,
     }
-    if local:  # one machine: no spot preemption to watch, no Prometheus to feed; two fewer actors per trial
-        env.update({"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"})
+    if local:  # one machine: no Prometheus to feed, and no spot preemption to watch (unless asked): fewer actors
+        env["RAY_TRAIN_METRICS_ENABLED"] = "0"
+        if not preemptible:
+            env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     if os.environ.get(MIRROR_ENV):
         env[MIRROR_ENV] = str(Path(os.environ[MIRROR_ENV]).absolute())
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION"):
@@ -74,10 +77,10 @@ def worker_env(local: bool) -> dict[str, str]:
     return env
 
 
-def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
+def connect_ray(address: str | None, *, dashboard: bool = True, preemptible: bool = False) -> None:
     """Join the Ray cluster at ``address`` (or ``RAY_ADDRESS``, as in a Ray job), or start a local one;
     ``dashboard``: a local Ray with its dashboard (Ray Train's placement-group cleaner reads actor states through it;
-    `prepare`'s tasks need none).
+    `prepare`'s tasks need none); ``preemptible``: trials that must hear of node drains (`worker_env`).
 
     Every Ray process is told which Ray is its own: without it, the placement-group cleaner finds "the" Ray on this
     machine, and with two (two sweeps at once) it fails, or asks the other one, is told its controller does not
@@ -86,7 +89,7 @@ def connect_ray(address: str | None, *, dashboard: bool = True) -> None:
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     local = on_one_machine(address)
-    env = worker_env(local=local)
+    env = worker_env(local=local, preemptible=preemptible)
     if address:
         _check_address(address)
         if local and "://" not in address:

@@ -28,7 +28,7 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     lines = [
         f"experiment {plan.experiment.name}: {len(plan.trials)} trial(s), metric {plan.experiment.metric} "
         f"({plan.experiment.mode})",
-        f"resources per trial: {plan.workers} worker(s) x ({plan.cpus_per_worker:g} CPU, {gpu})"
+        f"resources per trial: {_workers_said(plan)} x ({plan.cpus_per_worker:g} CPU, {gpu})"
         + (f", at most {plan.max_concurrent} concurrent" if plan.max_concurrent else ""),
         f"storage: {absolute_storage(options.storage, options.workdir)}",
         f"tracking: {resolve_tracking_uri(options.tracking_uri, options.workdir)}",
@@ -58,3 +58,10 @@ def describe_plan(plan: Plan, options: SweepOptions) -> str:
     if not plan.experiment.is_decode:
         lines += describe_estimates(plan, options, lengths, node_types, source)
     return "\n".join(lines)
+
+
+def _workers_said(plan: Plan) -> str:
+    """The workers of a trial, said: "2 worker(s)", or an elastic range."""
+    if plan.elastic:
+        return f"{plan.min_workers} to {plan.workers} workers (elastic: as many as the cluster has)"
+    return f"{plan.workers} worker(s)"

@@ -75,7 +75,13 @@ class Experiment:
     train: dict[str, Any] = field(default_factory=dict)
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
-    workers: int = 1  # workers per trial: 1 trains in the Tune trial actor, > 1 on Ray Train workers (DDP)
+    # workers per trial: 1 trains in the Tune trial actor, > 1 on Ray Train workers (DDP); (min, max): elastic, as
+    # many as the cluster has in that range, fewer when a node goes and more when nodes come (`worker_range`)
+    workers: int | tuple[int, int] = 1
+    # Trials may lose nodes to spot reclaims: each runs on Ray Train, which passes a node's drain notice to the loop
+    # (a checkpoint at once; `orchestrator.preemption`), even a trial of one worker. Elastic trials always do.
+    spot: bool = False
+    elastic_resize_s: float = 60.0  # how often an elastic trial looks for more workers (each grow is a restart)
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: 1 CPU per worker
     max_concurrent: int | None = None
@@ -117,8 +123,11 @@ class Experiment:
             )
         if self.mode not in ("min", "max"):
             raise ExperimentError(f"mode must be 'min' or 'max', got {self.mode!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ExperimentError(f"workers must be an integer >= 1, got {self.workers!r}")
+        worker_range(self.workers)
+        if self.spot not in (True, False):
+            raise ExperimentError(f"spot must be true or false, got {self.spot!r}")
+        if not isinstance(self.elastic_resize_s, (int, float)) or not self.elastic_resize_s > 0:
+            raise ExperimentError(f"elastic_resize_s must be a number of seconds > 0, got {self.elastic_resize_s!r}")
         if self.use_gpu not in (True, False, "auto"):
             raise ExperimentError(f"use_gpu must be true, false or 'auto', got {self.use_gpu!r}")
         if self.max_concurrent is not None and (not isinstance(self.max_concurrent, int) or self.max_concurrent < 1):
@@ -164,6 +173,29 @@ class Experiment:
         if self.corpus is not None:
             data["corpus"] = self.corpus
         return {"model": {"preset": self.model, **self.model_overrides}, "data": data, "train": dict(self.train)}
+
+
+def worker_range(workers: Any) -> tuple[int, int]:
+    """The (fewest, most) workers of a trial: ``workers`` as an experiment or ``--workers`` gives it, a count (the
+    same twice) or an elastic (min, max)."""
+    if isinstance(workers, int) and not isinstance(workers, bool):
+        if workers < 1:
+            raise ExperimentError(f"workers must be an integer >= 1, got {workers!r}")
+        return workers, workers
+    if not (
+        isinstance(workers, (tuple, list))
+        and len(workers) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) for w in workers)
+    ):
+        raise ExperimentError(f"workers must be an integer >= 1 or a (min, max) pair of them, got {workers!r}")
+    low, high = workers
+    if low < 1:
+        raise ExperimentError(
+            f"workers=({low}, {high}): a trial needs at least one worker; give a minimum of 1 or more, e.g. (1, {high})"
+        )
+    if low > high:
+        raise ExperimentError(f"workers=({low}, {high}): the minimum is above the maximum; write it as ({high}, {low})")
+    return low, high
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ trial's model; a decode sweep's checkpoints are `orchestrator.decode_plan`'s.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from gptcore.config import ConfigError, JobConfig
 from gptcore.corpus import check_windows, plan_corpus, window_count
 from gptcore.memory import peak_memory
 from gptcore.shards import DataError, Manifest, read_manifest
-from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials
+from orchestrator.experiment import Experiment, ExperimentError, Trial, expand_trials, worker_range
 from orchestrator.node_types import NodeType, fits, live_node_types, uses_gpu, workers_per_node
 from orchestrator.prepare import dataset_location, prepare, read_dataset_manifest, stage_locally
 from orchestrator.settings import torch_threads
@@ -35,7 +36,7 @@ class SweepOptions:
     tracking_uri: str | None = None
     max_concurrent: int | None = None
     resume: str | None = None  # None, "latest" or a sweep id
-    workers: int | None = None
+    workers: int | tuple[int, int] | None = None  # --workers N or MIN:MAX
     use_gpu: bool | str | None = None
     cpus_per_worker: float | None = None
     experiment_file: str = ""
@@ -53,10 +54,20 @@ class Plan:
 
     experiment: Experiment
     trials: list[Trial]
-    workers: int
+    workers: int  # the most workers a trial has (and asks for)
     use_gpu: bool | str
     cpus_per_worker: float
     max_concurrent: int | None
+    min_workers: int | None = None  # an elastic trial's fewest (None: always ``workers``)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers a trial may train on."""
+        return range(self.min_workers if self.elastic else self.workers, self.workers + 1)
 
 
 def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
@@ -64,13 +75,15 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
     (``train.num_threads``, unless the experiment sets it), so the loop sets them, once."""
     cpus_per_worker = options.cpus_per_worker or experiment.cpus_per_worker or 1
     trials = [with_threads(t, cpus_per_worker) for t in expand_trials(experiment, options.overrides)]
+    fewest, most = worker_range(options.workers or experiment.workers)
     plan = Plan(
         experiment=experiment,
         trials=trials,
-        workers=options.workers or experiment.workers,
+        workers=most,
         use_gpu=experiment.use_gpu if options.use_gpu is None else options.use_gpu,
         cpus_per_worker=cpus_per_worker,
         max_concurrent=concurrency_limit(experiment, options),
+        min_workers=fewest if fewest < most else None,
     )
     check_sharding(plan)
     check_batches(plan)
@@ -79,13 +92,30 @@ def make_plan(experiment: Experiment, options: SweepOptions) -> Plan:
 
 
 def check_batches(plan: Plan) -> None:
-    """A ``train.global_batch_size`` the plan's worker count cannot split into whole micro-batches is refused."""
+    """A ``train.global_batch_size`` a worker count of the plan cannot split into whole micro-batches is refused; an
+    elastic trial needs one, so that every count trains the same global batch."""
     for trial in plan.trials:
-        if isinstance(trial.job, JobConfig):
-            try:
-                trial.job.train.accumulation_steps(plan.workers)
-            except ConfigError as exc:
-                raise ExperimentError(f"trial {trial.name}: {exc}") from None
+        if not isinstance(trial.job, JobConfig):
+            continue
+        train = trial.job.train
+        if plan.elastic and train.global_batch_size is None:
+            raise ExperimentError(
+                f"trial {trial.name}: workers=({plan.min_workers}, {plan.workers}) is elastic, and its global batch "
+                f"would change with the worker count; set train.global_batch_size (windows per optimizer step, all "
+                f"workers together), e.g. {train.batch_size * math.lcm(*plan.worker_counts)}"
+            )
+        try:
+            for count in plan.worker_counts:
+                train.accumulation_steps(count)
+        except ConfigError as exc:
+            raise ExperimentError(f"trial {trial.name}: {exc}{_elastic_note(plan)}") from None
+
+
+def _elastic_note(plan: Plan) -> str:
+    """What a refusal of one worker count adds for an elastic trial: every count in its range must do."""
+    if not plan.elastic:
+        return ""
+    return f"; an elastic trial (workers=({plan.min_workers}, {plan.workers})) may train on any count in its range"
 
 
 def check_sharding(plan: Plan) -> None:
@@ -95,12 +125,14 @@ def check_sharding(plan: Plan) -> None:
         if not isinstance(job, JobConfig) or job.train.parallel != "fsdp":
             continue
         rows = job.model.padded_vocab_size
-        if rows % plan.workers:
-            raise SweepError(
-                f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
-                f"{plan.workers} workers, which do not divide it evenly; use a worker count that divides {rows} "
-                "(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
-            )
+        for count in plan.worker_counts:
+            if rows % count:
+                raise SweepError(
+                    f"trial {trial.name}: train.parallel=fsdp shards the {rows}-row token embedding across "
+                    f"{count} workers, which do not divide it evenly; use a worker count that divides {rows} "
+                    f"(e.g. 2, 4 or 8), or a model.pad_vocab_multiple that the worker count divides"
+                    f"{_elastic_note(plan)}"
+                )
 
 
 #: The model sizes an iso-FLOP profile needs per budget: a parabola in log N through fewer has no minimum to find.
@@ -200,9 +232,10 @@ def trial_length(plan: Plan, trial: Trial, storage: str) -> TrialLength:
     return TrialLength(length.total_steps, length.tokens, at_most=False)
 
 
-def worker_memory(plan: Plan, job: JobConfig) -> int:
-    """Bytes one worker of ``job`` holds at its peak (`gptcore.memory`: live tensors), on the plan's device."""
-    device_type = _device_type(plan)
+def worker_memory(plan: Plan, job: JobConfig, device_type: str | None = None) -> int:
+    """Bytes one worker of ``job`` holds at its peak (`gptcore.memory`: live tensors), on ``device_type`` (default:
+    the plan's device)."""
+    device_type = device_type or _device_type(plan)
     return peak_memory(job, plan.workers, device_type, bf16_faster=_native_bf16(device_type)).total
 
 
@@ -261,9 +294,9 @@ def node_type_fits(plan: Plan, job: JobConfig, node_types: list[NodeType]) -> di
     """Whether ``job``'s workers fit each node type that holds one of them (`orchestrator.node_types.fits`: on GPUs
     in a GPU's memory, on CPUs in a node's RAM; None where that memory is not known)."""
     gpu = uses_gpu(plan.use_gpu, node_types)
-    need = peak_memory(job, plan.workers, "cuda" if gpu else "cpu", native_bf16=_native_bf16("cuda" if gpu else "cpu"))
+    need = worker_memory(plan, job, "cuda" if gpu else "cpu")
     return {
-        t.name: fits(t, need.total, plan.workers, plan.cpus_per_worker, gpu)
+        t.name: fits(t, need, plan.workers, plan.cpus_per_worker, gpu)
         for t in node_types
         if workers_per_node(t, plan.cpus_per_worker, gpu)
     }
@@ -280,14 +313,12 @@ def cluster_misfits(plan: Plan, node_types: list[NodeType]) -> dict[str, float]:
     too small), with the GiB one worker needs."""
     if plan.experiment.is_decode:
         return {}
-    gpu = uses_gpu(plan.use_gpu, node_types)
-    device = "cuda" if gpu else "cpu"
+    device = "cuda" if uses_gpu(plan.use_gpu, node_types) else "cpu"
     misfits = {}
     for trial in plan.trials:
         verdicts = node_type_fits(plan, trial.job, node_types)
         if verdicts and all(v is False for v in verdicts.values()):
-            need = peak_memory(trial.job, plan.workers, device, native_bf16=_native_bf16(device)).total
-            misfits[trial.name] = need / 2**30
+            misfits[trial.name] = worker_memory(plan, trial.job, device) / 2**30
     return misfits
 
 

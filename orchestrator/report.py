@@ -52,6 +52,7 @@ COLUMNS = [
     ("tokens", "tokens_seen", "{:,.0f}"),
     ("tok/s", "tokens_per_sec", "{:,.0f}"),
     ("wall s", "wall_time_s", "{:.0f}"),
+    ("preemptions", "preemptions", "{:.0f}"),
 ]
 
 
@@ -59,11 +60,15 @@ def table_rows(results: list[TrialResult]) -> tuple[list[str], list[list[str]]]:
     axes = sorted({k for r in results for k in r.params})
     columns = [c for c in COLUMNS if any(math.isfinite(getattr(r, c[1])) for r in results)]
     checkpoint = "checkpoint" if is_decode_sweep(results) else "best checkpoint"
-    header = ["rank", "trial", *axes, "status", *[c[0] for c in columns], checkpoint]
+    elastic = any("elastic" in r.workers for r in results)  # then each trial's range is said
+    header = ["rank", "trial", *axes, "status", *(["workers"] if elastic else []), *[c[0] for c in columns], checkpoint]
     rows = []
     for rank, r in enumerate(results, 1):
         values = [fmt.format(getattr(r, attr)) if math.isfinite(getattr(r, attr)) else "-" for _, attr, fmt in columns]
-        rows.append([str(rank), r.name, *[r.params.get(a, "") for a in axes], r.status, *values, r.best_checkpoint])
+        workers = [r.workers] if elastic else []
+        rows.append(
+            [str(rank), r.name, *[r.params.get(a, "") for a in axes], r.status, *workers, *values, r.best_checkpoint]
+        )
     return header, rows
 
 

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from mlflow import MlflowClient
 
 from orchestrator.decoding import DECODE_METRICS, is_decode
-from orchestrator.tracking import BEST_CHECKPOINT_TAG, KIND_TAG, ROLE_TAG, STATUS_TAG, SWEEP_TAG, TRIAL_TAG
+from orchestrator.tracking import (
+    BEST_CHECKPOINT_TAG,
+    KIND_TAG,
+    PREEMPTIONS_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    WORKERS_TAG,
+)
 
 CURVES = ("val_loss", "train_loss", "tokens_seen")  # metrics read step by step (the report's plots)
 
@@ -42,6 +51,8 @@ class TrialResult:
     self_perplexity: float = math.nan
     best_checkpoint: str = ""
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(step, value)]
+    workers: str = ""  # "2", or "1-2 elastic" (WORKERS_TAG; "" for sweeps recorded before it)
+    preemptions: float = math.nan  # spot reclaims the trial lived through (orchestrator.preemption)
     kind: str = ""  # the sweep's: train | decode (its parent run's KIND_TAG); "" for sweeps recorded before the tag
 
 
@@ -90,6 +101,8 @@ def trial_results(client: MlflowClient, parent_run_id: str) -> list[TrialResult]
                 **{key: m.get(key, math.nan) for key in ("params_trainable", "params_total", *DECODE_METRICS)},
                 best_checkpoint=tags.get(BEST_CHECKPOINT_TAG, tags.get("checkpoint", "")),
                 curves=curves,
+                workers=tags.get(WORKERS_TAG, ""),
+                preemptions=float(tags.get(PREEMPTIONS_TAG, "nan")),
                 kind=kind,
             )
         )

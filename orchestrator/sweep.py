@@ -112,7 +112,7 @@ def _reopen(
     check_reachable(settings.tracking_uri)
     tracker = SweepTracker(settings.tracking_uri, settings.experiment, artifact_root=settings.artifact_root)
     print(f"resuming sweep {sweep_id}: {len(specs)} trial(s)", flush=True)
-    connect_ray(options.address)
+    connect_ray(options.address, preemptible=settings.preemptible)
     try:
         resolve_gpu(settings.use_gpu, wait_for_resources)
         check_cpus(settings.cpus_per_worker, wait_for_resources)
@@ -141,7 +141,7 @@ def _open(
     check_memory(plan, options.address)
     sweep_id = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     artifact_root = None if options.tracking_uri else default_artifact_root(options.workdir)
-    connect_ray(options.address)
+    connect_ray(options.address, preemptible=experiment.spot or plan.elastic)
     try:  # nothing is written (tracking store, storage) until Ray is up with the resources the sweep needs
         use_gpu = resolve_gpu(plan.use_gpu, wait_for_resources)
         check_cluster_memory(plan, use_gpu, options.address)

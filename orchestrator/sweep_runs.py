@@ -14,7 +14,7 @@ from orchestrator.experiment import Experiment, Trial
 from orchestrator.plan import Plan, SweepOptions
 from orchestrator.provenance import file_docstring, git_commit, source_tags
 from orchestrator.settings import SweepSettings, trains_in_trial_actor
-from orchestrator.tracking import KIND_TAG, NOTE_TAG, SweepTracker, cluster_tracking_uri
+from orchestrator.tracking import KIND_TAG, NOTE_TAG, WORKERS_TAG, SweepTracker, cluster_tracking_uri
 from orchestrator.trial_spec import TrialSpec, job_sections
 
 
@@ -71,7 +71,15 @@ def start_sweep_run(
         scheduler=experiment.scheduler_settings(),
         max_concurrent=plan.max_concurrent,
         in_trial_actor=not experiment.is_decode
-        and trains_in_trial_actor(plan.workers, (t.job.train.parallel for t in plan.trials)),
+        and trains_in_trial_actor(
+            plan.workers,
+            (t.job.train.parallel for t in plan.trials),
+            elastic=plan.elastic,
+            spot=experiment.spot,
+        ),
+        min_workers=plan.min_workers if plan.elastic else None,
+        elastic_resize_s=experiment.elastic_resize_s,
+        spot=experiment.spot,
     )
 
 
@@ -82,6 +90,8 @@ def sweep_description(experiment: Experiment, plan: Plan, options: SweepOptions)
     if not experiment.is_decode:
         lines.append(f"Model {experiment.model}, corpus {experiment.corpus or experiment.data.get('corpus', '')}.")
     lines.append(f"Ranked by {experiment.metric} ({experiment.mode}).")
+    if plan.elastic:
+        lines.append(f"Elastic trials: {plan.min_workers} to {plan.workers} workers, as many as the cluster has.")
     if options.overrides:
         sets = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in options.overrides.items())
         lines.append(f"Overrides: {sets}.")
@@ -98,6 +108,8 @@ def create_trial_runs(
     specs = {}
     for trial in trials:
         tags = {**trial.tags, **source_tags(settings.experiment_file, settings.git_commit)}
+        if settings.kind == "train":
+            tags[WORKERS_TAG] = settings.workers_said()
         params = {**trial.job.flat(), **{f"grid.{k}": v for k, v in trial.params.items()}}
         run_id = tracker.child_run(settings.parent_run_id, settings.sweep_id, trial.name, params=params, tags=tags)
         tracker.client.log_dict(run_id, job_sections(trial.job), "config.json")  # the resolved config, as a file

@@ -33,6 +33,8 @@ TRIAL_TAG = "orchestrator.trial"
 STATUS_TAG = "orchestrator.status"  # running | finished | diverged | failed | stopped
 KIND_TAG = "orchestrator.kind"  # a sweep's parent run: "train" | "decode" (the experiment's kind)
 BEST_CHECKPOINT_TAG = "best_checkpoint"
+WORKERS_TAG = "workers"  # a training trial's workers: "2", or "1-2 elastic"
+PREEMPTIONS_TAG = "preemptions"  # the spot reclaims a trial lived through (orchestrator.preemption)
 NOTE_TAG = "mlflow.note.content"  # the description the MLflow UI shows for an experiment or a run
 # Fail fast on an unreachable server; the RunLogger retries on its own schedule.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

@@ -17,15 +17,22 @@ if TYPE_CHECKING:
 def trainable(specs: dict[str, TrialSpec], settings: SweepSettings):
     """The sweep's Tune trainable, with its specs and the resources each trial asks for: a worker's, when the trial
     trains in its actor (`orchestrator.settings.trains_in_trial_actor`); else next to none, its Train workers
-    holding the CPUs and GPUs."""
+    holding the CPUs and GPUs (on the head node, for spot or elastic trials)."""
     import ray.tune
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
 
     if settings.in_trial_actor:
         return ray.tune.with_resources(
             ray.tune.with_parameters(train_in_trial_actor, specs=specs, settings=settings),
             settings.worker_resources(),
         )
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, specs=specs, settings=settings), {"memory": 1})
+    resources = {"memory": 1}
+    if settings.preemptible:
+        # The trial actor, and the Ray Train controller Ray places beside it, on the head node: never a spot node, so
+        # a reclaim takes workers only (a lost controller would end the trial). Next to nothing of the head's one
+        # unit: every trial fits.
+        resources[HEAD_NODE_RESOURCE_NAME] = 0.001
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, specs=specs, settings=settings), resources)
 
 
 def train_in_trial_actor(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
@@ -46,7 +53,8 @@ def train_in_trial_actor(config: dict[str, Any], specs: dict[str, TrialSpec], se
 
 
 def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: SweepSettings) -> None:
-    """Train the trial Tune's ``config`` names on ``settings.workers`` Ray Train workers, to its end."""
+    """Train the trial Tune's ``config`` names on ``settings.workers`` Ray Train workers (elastic: between
+    ``settings.min_workers`` and those, as many as the cluster has), to its end."""
     import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -64,7 +72,8 @@ def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: Swe
             "ray_trial_id": ray.tune.get_context().get_trial_id(),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.workers,
+            num_workers=settings.num_workers(),
+            elastic_resize_monitor_interval_s=settings.elastic_resize_s,
             use_gpu=bool(settings.use_gpu),
             resources_per_worker=settings.worker_resources(),
         ),
@@ -76,7 +85,8 @@ def run_trial(config: dict[str, Any], specs: dict[str, TrialSpec], settings: Swe
                 checkpoint_score_attribute=settings.metric,
                 checkpoint_score_order=settings.mode,
             ),
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            # a spot reclaim is no failure of the trial's: it counts against max_preemption_failures (no limit)
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures, max_preemption_failures=-1),
             callbacks=[TuneReportCallback()],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),

@@ -35,6 +35,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from orchestrator.hooks import TrainReporter
+    from orchestrator.preemption import PreemptionNotices
     from orchestrator.trial_spec import TrialSpec
 
     _quiet_report_logs()
@@ -59,6 +60,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         world_size=world_size,
         device=device,
         wrap_model=wrap if ddp else None,
+        notices=PreemptionNotices(loop_config["tracking_uri"], spec.run_id) if PreemptionNotices.watched() else None,
     )
 
 
@@ -73,9 +75,11 @@ def train_trial(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    notices: Hooks | None = None,
 ) -> None:
     """Train ``spec``'s job on this rank from ``checkpoint`` (None: from its start): rank 0 prints its progress and
-    logs to the trial's MLflow run; every rank reports to Ray through ``reporter``."""
+    logs to the trial's MLflow run; every rank reports to Ray through ``reporter`` (and checkpoints when ``notices``
+    says a node is going, on Ray Train workers)."""
     from gptcore.hooks import HookList
     from gptcore.train import train
     from orchestrator.hooks import ConsoleProgress, MlflowLogging
@@ -85,7 +89,9 @@ def train_trial(
     if rank == 0:
         hooks.append(ConsoleProgress(spec.name))
         hooks.append(MlflowLogging(tracking_uri, spec.run_id, ray_trial_id))
-    hooks.append(reporter)  # last: its final report ends the trial, after MLflow has its data
+    hooks.append(reporter)  # its final report ends the trial, after MLflow has its data
+    if notices is not None:
+        hooks.append(notices)  # after the reporter: a notice is recorded once its checkpoint is being written
     data_dir = local_dataset(spec.dataset) if spec.dataset else None
     with ExitStack() as stack:
         resume_from = stack.enter_context(checkpoint.as_directory()) if checkpoint else None

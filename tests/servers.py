@@ -161,6 +161,33 @@ class RayCluster:
                             found.append(p)
         return found
 
+    def node_id(self, name: str) -> str:
+        """The Ray node id of node ``name`` (its custom resource), asked of the cluster by a short-lived driver."""
+        code = f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); " + (
+            "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, **self.env}, capture_output=True, text=True, check=True
+        )
+        nodes = json.loads(out.stdout.strip().splitlines()[-1])
+        return next(node for node, resources in nodes.items() if name in resources)
+
+    def drain_for_preemption(self, node_id: str, deadline_s: int) -> None:
+        """What a cloud's spot reclaim does through Ray: drain the node, killed ``deadline_s`` from now."""
+        command = [str(BIN / "ray"), "drain-node", "--address", self.address, "--node-id", node_id]
+        command += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot"]
+        command += ["--deadline-remaining-seconds", str(deadline_s)]
+        subprocess.run(command, env={**os.environ, **self.env}, check=True, capture_output=True)
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of node ``name`` at once, as a reclaimed instance vanishes."""
+        proc = self.nodes.pop(name)
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
 
 NODE_START_ATTEMPTS = 3
 # `ray start` gives a node's raylet a fixed 30 s to register with the GCS (Ray 2.60, `raylet_start_wait_time_s` in
@@ -256,6 +283,12 @@ def ray_cluster(tmp: Path, workers: int = 1, head_cpus: int = 1) -> Iterator[Ray
             stop(proc)
         for temp_dir in cluster.temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def start_node(cluster: RayCluster, name: str, tmp: Path, cpus: int = 1) -> None:
+    """Join one more node ``name`` (a custom resource of that name, ``cpus`` CPUs) to ``cluster``: a node that comes
+    back, or a new one the autoscaler would start."""
+    _start_node(cluster, lambda: ["--address", cluster.address], name, tmp, cpus)
 
 
 def enter_concurrently(stack: contextlib.ExitStack, *managers: contextlib.AbstractContextManager) -> list:

@@ -297,6 +297,20 @@ def test_a_global_batch_the_workers_cannot_split(work, capsys):
     refused(capsys, work, argv, "trial 000_lr=0.001: train.global_batch_size: 6 is not a multiple of", "1, 3")
 
 
+def test_worker_ranges_refused_before_ray(work, capsys):
+    """An elastic range upside down or from 0 workers, elastic without a global batch, a global batch or an FSDP
+    embedding some count of the range cannot split: one error each, exit 2, before Ray starts."""
+    refused(capsys, work, ["run", "exp.py", "--workers", "3:2"], "workers=(3, 2): the minimum is above", "(2, 3)")
+    refused(capsys, work, ["run", "exp.py", "--workers", "0:2"], "workers=(0, 2): a trial needs at least one worker")
+    (work / "elastic.py").write_text(EXPERIMENT.replace("name=", "workers=(1, 2), name=", 1))
+    refused(capsys, work, ["run", "elastic.py"], "workers=(1, 2) is elastic", "set train.global_batch_size", "e.g. 4")
+    gbs = ["--set", "train.global_batch_size=4"]
+    refused(capsys, work, ["run", "exp.py", "--workers", "1:3", *gbs], "2 x 3 worker(s) = 6", "workers=(1, 3)")
+    fsdp = ["--set", "train.global_batch_size=40", "--set", "train.parallel=fsdp"]
+    fsdp += ["--set", "model.pad_vocab_multiple=64"]
+    refused(capsys, work, ["run", "exp.py", "--workers", "4:5", *fsdp], "50304-row", "across 5 workers", "(4, 5)")
+
+
 def test_a_batch_larger_than_the_train_split(work, capsys):
     """A batch the train split cannot fill is refused before Ray starts (the loop would refuse it on the worker), and
     the dry run says the same."""

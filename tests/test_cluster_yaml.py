@@ -131,6 +131,21 @@ def test_workers_autoscale_from_zero_and_head_is_cpu_only(cluster):
         assert node_type["resources"].get("GPU", 0) >= 1, f"{name} is not a GPU node type"
 
 
+def test_spot_gpu_workers_beside_the_on_demand_ones():
+    """ray.worker.g5.spot (the name a prices file looks up): the on-demand g5's machine, bought on the spot market,
+    preferred by the autoscaler, and its nodes drain themselves for preemption on EC2's interruption notice."""
+    prepared = ray_up_offline(load(REPO / "cluster.yaml"))
+    types = prepared["available_node_types"]
+    spot, on_demand = types["ray.worker.g5.spot"], types["ray.worker.g5"]
+    assert spot["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "InstanceMarketOptions" not in on_demand["node_config"]
+    assert spot["node_config"]["InstanceType"] == on_demand["node_config"]["InstanceType"]
+    assert spot["resources"] == on_demand["resources"]
+    assert spot["priority"] > on_demand.get("priority", 0)
+    drain = [c for c in prepared["worker_start_ray_commands"] if "drain-node" in c]
+    assert len(drain) == 1 and "spot/instance-action" in drain[0] and "DRAIN_NODE_REASON_PREEMPTION" in drain[0]
+
+
 def test_every_node_type_names_its_machine_image(cluster):
     """No node type may fall back to Ray's built-in default AMI (an old Ubuntu 18.04 DLAMI)."""
     if cluster["provider"]["type"] != "aws":
@@ -205,7 +220,8 @@ def test_nothing_floating(cluster):
     """No :latest image, nightly build or dev wheel, also after Ray's defaults are merged in."""
     for config in (cluster, ray_up_offline(cluster)):
         for value in strings(config):
-            lowered = value.lower()
+            # EC2's instance metadata service has one path for its current API, /latest/: no release of anything
+            lowered = value.lower().replace("169.254.169.254/latest/", "169.254.169.254/")
             assert "nightly" not in lowered, value
             assert "latest" not in lowered, value
             assert ".dev0" not in lowered and "ray-wheels" not in lowered, value

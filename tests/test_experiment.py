@@ -187,3 +187,5 @@ def test_only_a_local_or_loopback_cluster_counts_as_one_machine():
     assert not on_one_machine("10.0.0.5:6379") and not on_one_machine("auto")
     assert worker_env(local=True)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in worker_env(local=False)
+    # spot or elastic trials hear of drains even there: nodes of one machine can be drained too (tests/test_spot.py)
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in worker_env(local=True, preemptible=True)
