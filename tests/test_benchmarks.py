@@ -86,5 +86,6 @@ def test_the_gpu_acceptance_dry_run_prints_its_commands_and_checks_the_main_jobs
         "stride_sweep.py --use-gpu yes --set model.context_length=1024",
     ]:
         assert command in out
-    plan = [line.split() for line in out.splitlines() if line.startswith(("000_stride=256", "001_stride=128"))]
+    trials = ("000_stride=256", "001_stride=128")
+    plan = [line.split() for line in out.splitlines() if line.startswith(trials) and " ctx " in line]  # the model table
     assert [row[2:5] for row in plan] == [["12x768", "ctx", "1024"]] * 2  # both trials planned at context 1024
