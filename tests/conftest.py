@@ -70,6 +70,7 @@ SAME_PROCESS = {"tests/test_mlflow_models.py": "tests/test_studies.py"}  # both 
 LONGEST_FIRST = [
     "tests/test_studies.py",  # every experiment file on a shared cluster, ~230 s with test_mlflow_models.py
     "tests/test_mlflow_models.py",
+    "tests/test_spot.py",  # a reclaim and a grow-back on a 2-node cluster, then a reference run, ~290 s
     "tests/test_interrupted.py",  # three drivers, each with its local Ray, ~110 s
     "tests/test_faults.py",  # ~75 s
     "tests/test_tracking_outage.py",  # ~60 s
