@@ -163,7 +163,8 @@ def test_the_reclaim_is_recorded_in_mlflow(reclaim):
         Path(client.download_artifacts(child.info.run_id, "preemptions.json", str(reclaim.work))).read_text()
     )
     (event,) = events
-    assert event["node_id"] == reclaim.node_id and re.fullmatch(r"[\d.]+", event["node_ip"]) and event["ranks"] == [1]
+    assert event["node_id"] == reclaim.node_id and re.fullmatch(r"[\d.]+", event["node_ip"])
+    assert event["ranks"] in ([0], [1])  # the one rank the reclaimed node held (Ray places the ranks)
     assert event["notice_step"] == reclaim.noticed_step
     assert event["step_saved"] == event["resumed_from_step"] == reclaim.last_step
     assert event["world_size"] == 1
