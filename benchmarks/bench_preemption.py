@@ -28,12 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from common import ROOT, Report, emit, machine, table
 
 sys.path.insert(0, str(ROOT))
-from tests.servers import RayCluster, ray_cluster, start_node, stop
+from tests.servers import RayCluster, ray_cluster, start_node, stop, wait_while_running
 
 DEADLINE_S = 30  # the drain's (AWS gives 120 s; cluster.yaml drains 110 s ahead): the loop trains 15 s of it
 
@@ -71,16 +70,6 @@ def loss_history(work: Path, name: str) -> list[tuple[int, float]]:
     return []
 
 
-def wait_for(condition, sweep: subprocess.Popen, what: str, timeout: float = 600) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and sweep.poll() is None:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise RuntimeError(f"no {what} (the sweep exited {sweep.poll()})")
-
-
 def reclaim(cluster: RayCluster, work: Path, name: str, notice: bool, steps: int, every: int, nodes: tuple[str, str]):
     """Run the trial; lose node ``nodes[0]`` half an interval after the first checkpoint (drained first if
     ``notice``), and join ``nodes[1]`` in its place."""
@@ -94,11 +83,11 @@ def reclaim(cluster: RayCluster, work: Path, name: str, notice: bool, steps: int
         sweep = subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         lost_at = every + every // 2
-        wait_for(lambda: any(s >= lost_at for s, _ in loss_history(work, name)), sweep, f"step {lost_at}")
+        wait_while_running(lambda: any(s >= lost_at for s, _ in loss_history(work, name)), sweep, f"step {lost_at}")
         noticed = time.time()
         if notice:  # the node goes at the drain's deadline, as a reclaimed spot node does
             cluster.drain_for_preemption(node_id, deadline_s=DEADLINE_S)
-            wait_for(lambda: "last checkpoint at step" in log.read_text(), sweep, "the last checkpoint")
+            wait_while_running(lambda: "last checkpoint at step" in log.read_text(), sweep, "the last checkpoint")
             time.sleep(max(noticed + DEADLINE_S + 1 - time.time(), 0))
         last_before = max(s for s, _ in loss_history(work, name))
         cluster.kill_node(victim)

@@ -369,3 +369,15 @@ class _suppress_gone:
 
     def __exit__(self, kind, exc, tb):
         return kind is not None and issubclass(kind, psutil.NoSuchProcess)
+
+
+def wait_while_running(condition, process: subprocess.Popen, what: str, timeout: float = PATIENCE_S):
+    """``condition()``'s first truthy value, asked every 0.1 s while ``process`` runs; an AssertionError naming
+    ``what`` when it exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} (the process exited {process.poll()})")

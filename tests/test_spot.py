@@ -24,7 +24,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.curves import assert_same_training
-from tests.servers import PATIENCE_S, ray_cluster, start_node, stop
+from tests.servers import PATIENCE_S, ray_cluster, start_node, stop, wait_while_running
 
 pytestmark = pytest.mark.ray
 
@@ -70,16 +70,6 @@ def _latest_checkpoint(work: Path) -> int | None:
     return None
 
 
-def _wait(condition, sweep: subprocess.Popen, what: str, timeout: float = PATIENCE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and sweep.poll() is None:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"no {what} (the sweep exited {sweep.poll()})")
-
-
 @pytest.fixture(scope="module")
 def reclaim(tmp_path_factory):
     work = tmp_path_factory.mktemp("spot")
@@ -105,17 +95,17 @@ def reclaim(tmp_path_factory):
                 stderr=subprocess.STDOUT,
             )
         try:
-            first = _wait(lambda: _latest_checkpoint(work), sweep, "first checkpoint")
+            first = wait_while_running(lambda: _latest_checkpoint(work), sweep, "first checkpoint")
             timeline["first checkpoint"] = time.monotonic() - started
             cluster.drain_for_preemption(node_id, deadline_s=DEADLINE_S)
             deadline = time.monotonic() + DEADLINE_S
             timeline["drained"] = time.monotonic() - started
             log = work / "run.log"
-            noticed = int(
-                _wait(lambda: re.search(r"reclaimed: checkpoint at step (\d+)", log.read_text()), sweep, "notice")[1]
-            )
-            last = int(_wait(lambda: re.search(r"last checkpoint at step (\d+)", log.read_text()), sweep, "last")[1])
-            _wait(lambda: (_latest_checkpoint(work) or 0) >= last, sweep, "the last checkpoint registered")
+            notice = re.compile(r"reclaimed: checkpoint at step (\d+)")
+            noticed = int(wait_while_running(lambda: notice.search(log.read_text()), sweep, "notice")[1])
+            last_line = re.compile(r"last checkpoint at step (\d+)")
+            last = int(wait_while_running(lambda: last_line.search(log.read_text()), sweep, "last")[1])
+            wait_while_running(lambda: (_latest_checkpoint(work) or 0) >= last, sweep, "the last checkpoint registered")
             timeline["last checkpoint"] = time.monotonic() - started
             assert first < noticed <= last
             # Ray Train restarts the group at the deadline (a preemption); the node goes after it, as a reclaim's
@@ -123,7 +113,9 @@ def reclaim(tmp_path_factory):
             time.sleep(max(deadline - time.monotonic(), 0) + 1)
             cluster.kill_node("node1")
             timeline["killed"] = time.monotonic() - started
-            _wait(lambda: re.search(r"1 worker\(s\) on cpu, resumed", log.read_text()), sweep, "one worker")
+            wait_while_running(
+                lambda: re.search(r"1 worker\(s\) on cpu, resumed", log.read_text()), sweep, "one worker"
+            )
             timeline["one worker"] = time.monotonic() - started
             start_node(cluster, "node2", work)  # the node comes back (an autoscaler's replacement)
             timeline["node back"] = time.monotonic() - started
